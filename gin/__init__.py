@@ -1,0 +1,1 @@
+"""Gin configuration files: models/, layouts/, runs/ (installed as the `paxlike.gin_files` package)."""

@@ -1,0 +1,105 @@
+"""The `paxlike` command: a thin layer of flags over `paxlike.trainer.train`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# TensorFlow only feeds the input pipeline here; keep its C++ start-up chatter off the terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+USAGE_MACROS = """\
+gin macros every run file understands (set with --gin.NAME=VALUE):
+  TRAIN_STEPS            number of optimizer steps to train to
+  BATCH_SIZE             global batch, in sequences (split over data x fsdp)
+  SEQ_LEN                tokens per packed sequence
+  MIXTURE_OR_TASK_NAME   seqio Task or Mixture to train on (default: default_mixture)
+  MESH_SHAPE             dict of mesh axis -> size over data, fsdp, tensor (one may be -1)
+  SEED                   seed of parameter init and data order
+  CHECKPOINT_EVERY       steps between (async) checkpoints
+  LOG_EVERY              steps between metrics.jsonl / TensorBoard records
+  MODEL_DIR              where checkpoints, metrics and config.gin go (or --model_dir)
+
+example:
+  paxlike train --model_dir /tmp/run                       # the default job
+  paxlike train --gin_file models/tiny_palm.gin --gin_file runs/pretrain.gin \\
+      --gin.TRAIN_STEPS=20 --gin.MESH_SHAPE="{'data': 2, 'fsdp': 2, 'tensor': 2}" --model_dir D
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paxlike", description="Gin-configured JAX pretraining of decoder-only language models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="run 'paxlike train --help' for the training flags and macros")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser(
+        "train", help="train (or resume) a model", epilog=USAGE_MACROS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model from gin files; rerunning the same command resumes from the "
+                    "newest checkpoint in MODEL_DIR. Without --gin_file runs the default job "
+                    "(runs/default.gin).")
+    train.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                       help="gin file by path or by name under gin/ (repeatable, parsed in order)")
+    train.add_argument("--model_dir", help="output directory (sets the MODEL_DIR macro)")
+    train.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _split_gin_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    rest, overrides = [], {}
+    for arg in argv:
+        if arg.startswith("--gin."):
+            name, sep, value = arg[len("--gin."):].partition("=")
+            if not sep or not name:
+                _fail(f"malformed override {arg!r}; write --gin.NAME=VALUE")
+            overrides[name] = value
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def _fail(message: str) -> None:
+    print(f"paxlike: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from paxlike import gin_config
+    from paxlike.trainer import TrainConfig, train
+
+    if args.model_dir:
+        overrides = {**overrides, "MODEL_DIR": args.model_dir}
+    gin_config.parse(args.gin_file, overrides)
+    config = gin_config.build(TrainConfig)
+    model_dir = gin_config.macro("MODEL_DIR")
+    if not isinstance(model_dir, str) or not model_dir:
+        _fail("MODEL_DIR is not set; pass --model_dir DIR (or --gin.MODEL_DIR=DIR)")
+    train(config, os.path.expanduser(model_dir), show_progress=False if args.no_progress else None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `paxlike` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = _split_gin_overrides(argv)
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        raise SystemExit(2)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("paxlike").setLevel(logging.INFO)
+    # jax warns that it probed for a TPU; on a CPU or GPU machine that is expected.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    from paxlike.errors import UserError
+
+    try:
+        {"train": _train}[args.command](args, overrides)
+    except UserError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Typed, gin-configurable description of a decoder-only Transformer; a model family is a binding of these fields."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax.numpy as jnp
+
+from paxlike.errors import UserError
+
+_CHOICES = {
+    "block": ("parallel", "serial"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp_activation": ("swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu"),
+    "position": ("rope", "learned", "none"),
+    "remat_policy": ("none", "full", "save_dots"),
+    "dtype": ("float32", "bfloat16"),
+}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of the decoder; defaults are PaLM's architectural choices."""
+
+    vocab_size: int = 256_000
+    d_model: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 1  # 1 = multi-query, num_heads = multi-head, in between = grouped
+    head_dim: int = 64  # independent of d_model (PaLM 540B: 48 x 256 < 18432)
+    d_ff: int = 2048
+    block: str = "parallel"  # parallel: x + attn(n(x)) + mlp(n(x)); serial: pre-norm residuals
+    norm: str = "layernorm"
+    norm_bias: bool = False
+    norm_epsilon: float = 1e-6
+    mlp_activation: str = "swiglu"
+    use_bias: bool = False  # biases on the dense projections
+    position: str = "rope"
+    rope_max_wavelength: float = 10_000.0
+    max_seq_len: int = 2048  # longest sequence the positions support
+    tie_embeddings: bool = True
+    logits_rsqrt_d_model: bool = True  # PaLM scales shared-embedding logits by 1/sqrt(d_model)
+    embed_init_std: float = 1.0
+    z_loss_weight: float = 1e-4
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+
+    def __post_init__(self):
+        for field, allowed in _CHOICES.items():
+            value = getattr(self, field)
+            if value not in allowed:
+                raise UserError(
+                    f"ModelConfig.{field} = {value!r} is not supported; choose one of {list(allowed)}"
+                )
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                      "head_dim", "d_ff", "max_seq_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"ModelConfig.{field} = {value!r}; it must be a positive int")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(
+                f"ModelConfig.num_heads = {self.num_heads} is not a multiple of num_kv_heads = "
+                f"{self.num_kv_heads}; pick K/V heads that divide the query heads"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The dtype matmuls run in."""
+        return jnp.dtype(self.dtype)
+
+    @property
+    def mlp_gated(self) -> bool:
+        """Whether the MLP has a gate matrix (GLU variants)."""
+        return self.mlp_activation in ("swiglu", "geglu")

@@ -1,0 +1,36 @@
+"""Bias-optional einsum projections whose kernels carry logical axis names and fan-in init."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class DenseGeneral(nn.Module):
+    """y = einsum(spec, x, kernel) (+ bias); `in_axes` of the kernel are contracted, fan-in init."""
+
+    spec: str  # e.g. "btd,dnh->btnh"
+    shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    in_axes: Sequence[int]
+    dtype: jnp.dtype
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        out_axes = tuple(i for i in range(len(self.shape)) if i not in tuple(self.in_axes))
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=tuple(self.in_axes), out_axis=out_axes
+        )
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axis_names), self.shape)
+        y = jnp.einsum(self.spec, x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias_shape = tuple(self.shape[i] for i in out_axes)
+            bias_names = tuple(self.axis_names[i] for i in out_axes)
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_names), bias_shape
+            )
+            y = y + bias.astype(self.dtype)
+        return y

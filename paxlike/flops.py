@@ -1,0 +1,92 @@
+"""Model FLOPs per token (PaLM Appendix B), device peak FLOP/s, and MFU."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+
+from paxlike.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip, matched against jax's `device_kind`. Order
+# matters: the first substring found wins ("v5 lite" before "v5").
+PEAK_FLOPS_BY_DEVICE_KIND: tuple[tuple[str, str, float], ...] = (
+    ("TPU v2", "tpu_v2", 45e12),
+    ("TPU v3", "tpu_v3", 123e12),
+    ("TPU v4", "tpu_v4", 275e12),
+    ("TPU v5 lite", "tpu_v5e", 197e12),
+    ("TPU v5e", "tpu_v5e", 197e12),
+    ("TPU v5p", "tpu_v5p", 459e12),
+    ("TPU v5", "tpu_v5p", 459e12),
+    ("TPU v6 lite", "tpu_v6e", 918e12),
+    ("TPU v6e", "tpu_v6e", 918e12),
+    ("A100", "a100", 312e12),
+    ("H100", "h100", 989e12),
+    ("H200", "h200", 989e12),
+    ("B200", "b200", 2250e12),
+)
+PEAK_FLOPS_BY_HARDWARE: dict[str, float] = {name: peak for _, name, peak in PEAK_FLOPS_BY_DEVICE_KIND}
+
+
+def matmul_params(params_shapes) -> int:
+    """Parameters that take part in a matmul per token: every `kernel`, plus a tied embedding table.
+
+    The input embedding lookup is a gather, not a matmul; when the table is shared
+    with the output projection it is counted once, for that projection. Norm
+    scales, biases and learned position tables are not matmul weights.
+    """
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params_shapes)[0]:
+        keys = [getattr(k, "key", str(k)) for k in path]
+        if keys[-1] == "kernel":
+            total += math.prod(leaf.shape)
+    return total
+
+
+def model_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int,
+                          include_attention: bool = True) -> float:
+    """6N + 12·L·H·Q·T: forward+backward matmul FLOPs plus attention scores and values."""
+    n = matmul_params(params_shapes)
+    if cfg.tie_embeddings:
+        n += cfg.vocab_size * cfg.d_model
+    flops = 6.0 * n
+    if include_attention:
+        flops += 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return flops
+
+
+def device_peak_flops(device: jax.Device) -> tuple[float | None, str]:
+    """(peak FLOP/s, source) from the table, or (None, reason) for a device it does not list."""
+    kind = getattr(device, "device_kind", "")
+    for needle, name, peak in PEAK_FLOPS_BY_DEVICE_KIND:
+        if needle.lower() in kind.lower():
+            return peak, f"table:{name}"
+    return None, f"no table entry for {kind!r}"
+
+
+def measure_matmul_peak(device: jax.Device, dtype: str = "float32", size: int = 1024,
+                        seconds: float = 0.5) -> float:
+    """Achieved FLOP/s of a square matmul chain on `device`: the ceiling for a device with no published peak."""
+    a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+    matmul = jax.jit(lambda x: x @ a @ a @ a @ a)
+    matmul(a).block_until_ready()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or runs < 3:
+        matmul(a).block_until_ready()
+        runs += 1
+    return 4 * 2.0 * size**3 * runs / (time.perf_counter() - start)
+
+
+def peak_flops_per_device(device: jax.Device, dtype: str) -> tuple[float, str]:
+    """The table's peak for `device`, or a measured matmul peak with the source saying so."""
+    peak, source = device_peak_flops(device)
+    if peak is not None:
+        return peak, source
+    return measure_matmul_peak(device, dtype), f"measured:{dtype} matmul on {device.platform}"
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak_per_device: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' aggregate peak."""
+    return flops_per_token * tokens_per_sec / (num_devices * peak_per_device)

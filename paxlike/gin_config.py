@@ -1,0 +1,90 @@
+"""Finding gin files (by path or by name under gin/), applying `--gin.NAME=VALUE` overrides, building configs."""
+
+from __future__ import annotations
+
+import ast
+import importlib.resources
+import os
+import re
+from typing import Sequence
+
+import gin
+
+from paxlike.errors import UserError
+
+DEFAULT_RUN = "runs/default.gin"
+
+
+def gin_dir() -> str:
+    """The directory of the gin files shipped with paxlike (works editable and installed)."""
+    return os.fspath(importlib.resources.files("paxlike.gin_files"))
+
+
+def resolve_gin_file(name: str) -> str:
+    """A path for `name`: as given if it exists, else under gin/ (".gin" optional, "gin/" prefix optional)."""
+    if os.path.isfile(name):
+        return name
+    stem = name[len("gin/"):] if name.startswith("gin/") else name
+    for candidate in (stem, stem + ".gin"):
+        path = os.path.join(gin_dir(), candidate)
+        if os.path.isfile(path):
+            return path
+    raise UserError(
+        f"gin file {name!r} not found as a path or under {gin_dir()}; check the name "
+        "(e.g. runs/default.gin, models/palm_8b.gin)")
+
+
+def _as_gin_value(value: str) -> str:
+    """Gin literal text for an override; a bare word or path (no quotes needed on a shell) becomes a string."""
+    try:
+        ast.literal_eval(value)
+        return value
+    except (ValueError, SyntaxError):
+        pass
+    if value.startswith(("@", "%")) or value in ("True", "False", "None"):
+        return value
+    if re.fullmatch(r"[\w./:+-]+", value):
+        return repr(value)
+    return value
+
+
+def parse(gin_files: Sequence[str], overrides: dict[str, str]) -> None:
+    """Clears gin, parses the files (default run when none) then the overrides, as T5X does."""
+    gin.clear_config()
+    gin.add_config_file_search_path(gin_dir())
+    files = [resolve_gin_file(f) for f in (gin_files or [DEFAULT_RUN])]
+    bindings = [f"{name} = {_as_gin_value(value)}" for name, value in overrides.items()]
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    except (ValueError, SyntaxError, KeyError, ImportError, IOError) as e:
+        raise UserError(f"gin configuration error: {_one_line(e)}; check the gin files and "
+                        "--gin.NAME=VALUE overrides") from None
+
+
+def macro(name: str):
+    """The value bound to gin macro `name`, or None when unbound."""
+    try:
+        return gin.query_parameter(f"%{name}")
+    except ValueError:
+        return None
+
+
+def build(configurable):
+    """Calls a gin-configurable with its bound arguments, turning gin's complaints into UserError."""
+    try:
+        return configurable()
+    except UserError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as e:
+        message = _one_line(e)
+        required = re.search(r"Required bindings for `?([\w.]+)`? not provided in config: \[(.*?)\]",
+                             str(e))
+        if required:
+            message = (f"required value(s) {required.group(2)} of {required.group(1)} not set; "
+                       "bind them in a gin file or with --gin.NAME=VALUE")
+        raise UserError(f"configuration error: {message}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__

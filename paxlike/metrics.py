@@ -1,0 +1,55 @@
+"""Where a run's numbers go: metrics.jsonl, TensorBoard event files, the log and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Mapping
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+log = logging.getLogger("paxlike")
+
+
+class MetricsWriter:
+    """Appends one JSON object per log step and mirrors scalars to TensorBoard."""
+
+    def __init__(self, model_dir: str, total_steps: int, start_step: int, show_progress: bool | None = None):
+        self._jsonl_path = os.path.join(model_dir, "metrics.jsonl")
+        self._tb = SummaryWriter(os.path.join(model_dir, "tensorboard"), flush_secs=30)
+        if show_progress is None:
+            show_progress = sys.stderr.isatty()
+        self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                              disable=not show_progress, dynamic_ncols=True)
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Records `scalars` at `step` in every sink."""
+        record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+        with open(self._jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name != "step" and isinstance(value, float):
+                self._tb.add_scalar(name, value, global_step=int(step))
+        self._tb.flush()
+        shown = {k: record[k] for k in ("loss", "eval_loss", "mfu") if k in record}
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        log.info("step %d %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "step"))
+
+    def advance(self, steps: int = 1) -> None:
+        """Moves the progress bar."""
+        self._bar.update(steps)
+
+    def close(self) -> None:
+        self._bar.close()
+        self._tb.close()
+
+
+def _plain(value):
+    return value if isinstance(value, str) else float(value)
+
+
+def _fmt(value) -> str:
+    return value if isinstance(value, str) else f"{value:.5g}"

@@ -1,0 +1,3 @@
+"""seqio Tasks and Mixtures shipped with paxlike; importing this module registers them."""
+
+from paxlike.tasks import default_mixture  # noqa: F401  (registration side effect)
