@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ast
-import importlib.resources
 import os
+import pathlib
 import re
 from typing import Sequence
 
@@ -16,8 +16,10 @@ DEFAULT_RUN = "runs/default.gin"
 
 
 def gin_dir() -> str:
-    """The directory of the gin files shipped with paxlike (works editable and installed)."""
-    return os.fspath(importlib.resources.files("paxlike.gin_files"))
+    """The directory of the gin files shipped with paxlike: installed beside the package, or the checkout's gin/."""
+    package = pathlib.Path(__file__).resolve().parent
+    installed = package / "gin_files"  # where a wheel puts the repo's gin/ (see pyproject.toml)
+    return os.fspath(installed if installed.is_dir() else package.parent / "gin")
 
 
 def resolve_gin_file(name: str) -> str:

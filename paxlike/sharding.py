@@ -57,6 +57,7 @@ class MeshConfig:
 
     shape: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
     rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = DEFAULT_RULES
+    num_devices: int | None = None  # the mesh spans the first N devices; None = all of them
 
     def resolved_shape(self, num_devices: int) -> dict[str, int]:
         """Every mesh axis with its size, the -1 entry filled in; raises UserError if impossible."""
@@ -95,6 +96,12 @@ class MeshConfig:
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds the device mesh with every axis in MESH_AXES, in GSPMD (auto) mode."""
     devices = list(jax.devices() if devices is None else devices)
+    if config.num_devices is not None:
+        if not 1 <= config.num_devices <= len(devices):
+            raise UserError(
+                f"MeshConfig.num_devices = {config.num_devices} but {len(devices)} devices are "
+                f"present; choose 1..{len(devices)} or None for all")
+        devices = devices[: config.num_devices]
     shape = config.resolved_shape(len(devices))
     sizes = tuple(shape[name] for name in MESH_AXES)
     try:

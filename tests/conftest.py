@@ -1,0 +1,41 @@
+"""Test setup: 8 host CPU devices for the sharding tests, quiet TensorFlow, and small run helpers."""
+
+import os
+
+# Must precede the first jax import: the CPU backend reads it once, at start-up.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+from paxlike import gin_config  # noqa: E402
+
+TINY_RUN = ["models/tiny_palm.gin", "runs/pretrain.gin"]
+TINY_OVERRIDES = {
+    "BATCH_SIZE": "8", "SEQ_LEN": "64", "TRAIN_STEPS": "12", "LOG_EVERY": "1",
+    "CHECKPOINT_EVERY": "4", "EVAL_EVERY": "0", "WARMUP_STEPS": "4", "LEARNING_RATE": "1e-2",
+}
+
+
+def tiny_config(num_devices=1, gin_files=TINY_RUN, **overrides):
+    """A TrainConfig for the tiny PaLM run, built through gin as the CLI builds it."""
+    from paxlike.trainer import TrainConfig
+
+    values = {**TINY_OVERRIDES, "MODEL_DIR": "'unused'", **{k: str(v) for k, v in overrides.items()}}
+    values["MeshConfig.num_devices"] = str(num_devices)
+    gin_config.parse(gin_files, values)
+    return gin_config.build(TrainConfig)
+
+
+def read_metrics(model_dir):
+    """metrics.jsonl as a list of dicts."""
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
