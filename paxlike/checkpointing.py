@@ -39,14 +39,18 @@ class DataStreamRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-    """Saves every `every` steps (asynchronously), keeps the newest `keep`, restores the latest."""
+    """Saves every `every` steps (asynchronously), keeps the newest `keep`, restores the latest.
+
+    A save cut short by a kill leaves only a temporary directory, which is ignored
+    and removed when the next run opens the manager.
+    """
 
     def __init__(self, directory: str, every: int, keep: int):
         self._manager = ocp.CheckpointManager(
             epath.Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
-                create=True),
+                create=True, cleanup_tmp_directories=True),
             item_names=(STATE, DATA),
         )
 

@@ -149,7 +149,7 @@ class _Program:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": ce, "z_loss": z, "total_loss": total,
-                   "grad_norm": optax.global_norm(grads),
+                   "grad_norm": optax.tree.norm(grads),
                    "learning_rate": self.schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -203,6 +203,8 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
     rules = tuple(config.mesh.rules)
     _check(config, mesh)
     stream = DataStream(config.data, "train", jax.process_index(), jax.process_count())
+    # Measured (where the device has no table entry) outside the mesh context, on one device.
+    peak, peak_source = flops_lib.peak_flops_per_device(jax.devices()[0], config.model.dtype)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         program = _Program(config, mesh, rules)
@@ -224,7 +226,6 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
         compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
         compile_s = time.perf_counter() - t0
         devices = mesh.devices.size
-        peak, peak_source = flops_lib.peak_flops_per_device(jax.devices()[0], config.model.dtype)
         flops_per_token = flops_lib.model_flops_per_token(
             config.model, program.abstract_params, config.data.seq_len)
         tokens_per_step = config.data.batch_size * config.data.seq_len

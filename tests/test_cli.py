@@ -1,0 +1,55 @@
+"""The command line: help text, and bad input refused with one line, exit status 2, nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _paxlike(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "paxlike.cli", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_help_lists_commands_and_macros():
+    top = _paxlike("--help")
+    assert top.returncode == 0 and "train" in top.stdout
+    train = _paxlike("train", "--help")
+    assert train.returncode == 0
+    for macro in ("TRAIN_STEPS", "BATCH_SIZE", "SEQ_LEN", "MIXTURE_OR_TASK_NAME", "MESH_SHAPE",
+                  "SEED", "CHECKPOINT_EVERY", "LOG_EVERY", "MODEL_DIR"):
+        assert macro in train.stdout
+
+
+BAD_INPUTS = [
+    (["--gin_file", "models/no_such_model.gin"], "gin file 'models/no_such_model.gin' not found"),
+    (["--gin.MESH_SHAPE={'data': 3}"], "MESH_SHAPE {'data': 3} has 3 devices but 8 are present"),
+    (["--gin.MESH_SHAPE={'data': -1, 'fsdp': -1}"], "at most one axis may take the remaining"),
+    (["--gin.MESH_SHAPE={'model': 8}"], "MESH_SHAPE has unknown axis 'model'"),
+    (["--gin.BATCH_SIZE=12"], "BATCH_SIZE = 12 is not divisible by the data-parallel size 8"),
+    (["--gin.SEQ_LEN=4096"], "SEQ_LEN = 4096 exceeds the model's max_seq_len = 2048"),
+    (["--gin.MIXTURE_OR_TASK_NAME=nope"], "MIXTURE_OR_TASK_NAME 'nope' is not a registered"),
+    (["--gin.TRAIN_STEPS=0"], "TRAIN_STEPS = 0; it must be a positive integer"),
+    (["--gin.LEARNING_RATE=-1.0"], "learning rate -1.0 must be positive"),
+    (["--gin.ModelConfig.vocab_size=100"], "ModelConfig.vocab_size = 100 is smaller than the data's"),
+    (["--gin.ModelConfig.no_such_field=1"], "gin configuration error"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m[:30] for _, m in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, args, message):
+    model_dir = tmp_path / "run"
+    result = _paxlike("train", "--gin_file", "models/tiny_palm.gin", "--gin_file",
+                      "runs/pretrain.gin", "--model_dir", str(model_dir), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("paxlike: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not model_dir.exists()
+
+
+def test_missing_model_dir_is_refused():
+    result = _paxlike("train")
+    assert result.returncode == 2
+    assert "MODEL_DIR is not set; pass --model_dir DIR" in result.stderr
