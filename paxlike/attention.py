@@ -19,6 +19,16 @@ def attention_mask(segment_ids_bt: jnp.ndarray) -> jnp.ndarray:
     return causal_ts[None] & same_segment_bts
 
 
+def alibi_slopes(num_heads: int) -> jnp.ndarray:
+    """ALiBi's per-head slopes: a geometric series from 2^(-8/n); interleaved for n not a power of 2."""
+    def series(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    closest = 2 ** (num_heads.bit_length() - 1)
+    slopes = series(closest) + series(2 * closest)[0::2][: num_heads - closest]
+    return jnp.asarray(slopes, jnp.float32)
+
+
 class Attention(nn.Module):
     """Self-attention: N query heads share K K/V heads in groups of G = N / K."""
 
@@ -50,6 +60,11 @@ class Attention(nn.Module):
         b, t = x_btd.shape[:2]
         q_btkgh = q_btnh.reshape(b, t, k, n // k, h) * jnp.asarray(h**-0.5, dt)
         logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32)
+        if cfg.position == "alibi":
+            # Bias each score by -slope * distance, measured within the document.
+            distance_bts = (positions_bt[:, :, None] - positions_bt[:, None, :]).astype(jnp.float32)
+            slopes_kg = alibi_slopes(n).reshape(k, n // k)
+            logits_bkgts = logits_bkgts - slopes_kg[None, :, :, None, None] * distance_bts[:, None, None]
         mask_b11ts = attention_mask(segment_ids_bt)[:, None, None]
         logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, jnp.finfo(jnp.float32).min)
         probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dt)

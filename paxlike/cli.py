@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="gin file by path or by name under gin/ (repeatable, parsed in order)")
     train.add_argument("--model_dir", help="output directory (sets the MODEL_DIR macro)")
     train.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    params = commands.add_parser(
+        "params", help="count a model's parameters from abstract shapes (no memory used)",
+        description="Count parameters of the model a gin file describes, e.g. "
+                    "paxlike params --gin_file models/palm_540b.gin")
+    params.add_argument("--gin_file", action="append", required=True, metavar="FILE",
+                        help="model gin file by path or by name under gin/ (repeatable)")
+    params.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -80,6 +87,32 @@ def _train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     train(config, os.path.expanduser(model_dir), show_progress=False if args.no_progress else None)
 
 
+def _human(count: int) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f}{suffix}"
+    return str(count)
+
+
+def _params(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    import json
+
+    from paxlike import gin_config
+    from paxlike.config import ModelConfig
+    from paxlike.param_count import count_params
+
+    gin_config.parse(args.gin_file, overrides)
+    counts = count_params(gin_config.build(ModelConfig))
+    if args.json:
+        print(json.dumps(counts))
+        return
+    for key in ("total", "embedding", "non_embedding"):
+        print(f"{key:<16}{counts[key]:>20,}  ({_human(counts[key])})")
+    print("by module:")
+    for name, count in counts["by_module"].items():
+        print(f"  {name:<28}{count:>20,}  {100 * count / counts['total']:6.2f}%")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `paxlike` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -96,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     from paxlike.errors import UserError
 
     try:
-        {"train": _train}[args.command](args, overrides)
+        {"train": _train, "params": _params}[args.command](args, overrides)
     except UserError as e:
         _fail(str(e))
 

@@ -13,7 +13,8 @@ _CHOICES = {
     "block": ("parallel", "serial"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp_activation": ("swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu"),
-    "position": ("rope", "learned", "none"),
+    "position": ("rope", "alibi", "learned", "none"),
+    "norm_placement": ("pre", "post", "sandwich"),
     "remat_policy": ("none", "full", "save_dots"),
     "dtype": ("float32", "bfloat16"),
 }
@@ -31,7 +32,13 @@ class ModelConfig:
     num_kv_heads: int = 1  # 1 = multi-query, num_heads = multi-head, in between = grouped
     head_dim: int = 64  # independent of d_model (PaLM 540B: 48 x 256 < 18432)
     d_ff: int = 2048
-    block: str = "parallel"  # parallel: x + attn(n(x)) + mlp(n(x)); serial: pre-norm residuals
+    block: str = "parallel"  # parallel: x + attn(n(x)) + mlp(n(x)); serial: one residual after another
+    # Serial blocks: pre x + f(N(x)); post N(a*x + f(x)) (a = residual_scale; DeepNorm
+    # a = (2 * num_layers)^0.5); sandwich x + N'(f(N(x))).
+    norm_placement: str = "pre"
+    residual_scale: float = 1.0
+    embedding_norm: bool = False  # a norm right after the token embedding (BLOOM)
+    final_norm: bool = True
     norm: str = "layernorm"
     norm_bias: bool = False
     norm_epsilon: float = 1e-6
@@ -40,6 +47,7 @@ class ModelConfig:
     position: str = "rope"
     rope_max_wavelength: float = 10_000.0
     max_seq_len: int = 2048  # longest sequence the positions support
+    position_offset: int = 0  # learned positions: table rows before position 0 (OPT: 2)
     tie_embeddings: bool = True
     logits_rsqrt_d_model: bool = True  # PaLM scales shared-embedding logits by 1/sqrt(d_model)
     embed_init_std: float = 1.0
@@ -65,6 +73,9 @@ class ModelConfig:
                 f"ModelConfig.num_heads = {self.num_heads} is not a multiple of num_kv_heads = "
                 f"{self.num_kv_heads}; pick K/V heads that divide the query heads"
             )
+        if self.block == "parallel" and self.norm_placement != "pre":
+            raise UserError("the parallel block is pre-norm only; set norm_placement = 'pre' "
+                            "or block = 'serial'")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
 

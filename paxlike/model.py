@@ -30,7 +30,11 @@ class Transformer(nn.Module):
         embed = Embed(cfg, cfg.vocab_size, cfg.embed_init_std, name="token_embed")
         x_btd = embed(tokens_bt)
         if cfg.position == "learned":
-            x_btd = x_btd + Embed(cfg, cfg.max_seq_len, 0.01, name="position_embed")(positions_bt)
+            table = Embed(cfg, cfg.max_seq_len + cfg.position_offset, cfg.embed_init_std,
+                          name="position_embed")
+            x_btd = x_btd + table(positions_bt + cfg.position_offset)
+        if cfg.embedding_norm:
+            x_btd = Norm(cfg, name="embedding_norm")(x_btd)
 
         block = Block
         if cfg.remat_policy != "none":
@@ -51,7 +55,8 @@ class Transformer(nn.Module):
             for i in range(cfg.num_layers):
                 x_btd, _ = block(cfg, name=f"layers_{i}")(x_btd, positions_bt, segment_ids_bt)
 
-        x_btd = Norm(cfg, name="final_norm")(x_btd)
+        if cfg.final_norm:
+            x_btd = Norm(cfg, name="final_norm")(x_btd)
         if cfg.tie_embeddings:
             logits_btv = embed.attend(x_btd)
         else:
