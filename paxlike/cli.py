@@ -52,6 +52,22 @@ def _parser() -> argparse.ArgumentParser:
     params.add_argument("--gin_file", action="append", required=True, metavar="FILE",
                         help="model gin file by path or by name under gin/ (repeatable)")
     params.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from paxlike.flops import PEAK_FLOPS_BY_HARDWARE
+
+    mfu = commands.add_parser(
+        "mfu", help="model FLOPs utilisation of a measured throughput (PaLM Appendix B)",
+        description="MFU = tokens/s x model FLOPs per token / (chips x peak FLOP/s). Example "
+                    "(PaLM 540B on 6144 TPU v4): paxlike mfu --gin_file models/palm_540b.gin "
+                    "--tokens_per_sec 238300 --chips 6144 --hardware tpu_v4")
+    mfu.add_argument("--gin_file", action="append", required=True, metavar="FILE",
+                     help="model gin file by path or by name under gin/ (repeatable)")
+    mfu.add_argument("--tokens_per_sec", type=float, required=True, help="measured throughput")
+    mfu.add_argument("--chips", type=int, required=True, help="accelerator chips used")
+    mfu.add_argument("--hardware", required=True, choices=sorted(PEAK_FLOPS_BY_HARDWARE),
+                     help="chip type, for its peak dense bf16 FLOP/s")
+    mfu.add_argument("--seq_len", type=int, help="sequence length (default: the model's max_seq_len)")
+    mfu.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -113,6 +129,47 @@ def _params(args: argparse.Namespace, overrides: dict[str, str]) -> None:
         print(f"  {name:<28}{count:>20,}  {100 * count / counts['total']:6.2f}%")
 
 
+def _mfu(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    import json
+
+    from paxlike import flops, gin_config
+    from paxlike.config import ModelConfig
+    from paxlike.errors import UserError
+    from paxlike.param_count import abstract_params
+
+    if args.tokens_per_sec <= 0 or args.chips <= 0 or (args.seq_len is not None and args.seq_len <= 0):
+        raise UserError("--tokens_per_sec, --chips and --seq_len must be positive")
+    gin_config.parse(args.gin_file, overrides)
+    cfg = gin_config.build(ModelConfig)
+    shapes = abstract_params(cfg)
+    seq_len = args.seq_len or cfg.max_seq_len
+    peak = flops.PEAK_FLOPS_BY_HARDWARE[args.hardware]
+    per_token = flops.model_flops_per_token(cfg, shapes, seq_len)
+    per_token_no_attn = flops.model_flops_per_token(cfg, shapes, seq_len, include_attention=False)
+    hardware = flops.hardware_flops_per_token(cfg, shapes, seq_len)
+    result = {
+        "flops_per_token": per_token,
+        "flops_per_token_no_attn": per_token_no_attn,
+        "hardware_flops_per_token": hardware,
+        "peak_flops_per_chip": peak,
+        "mfu": flops.mfu(per_token, args.tokens_per_sec, args.chips, peak),
+        "mfu_no_attn": flops.mfu(per_token_no_attn, args.tokens_per_sec, args.chips, peak),
+        "hfu": flops.mfu(hardware, args.tokens_per_sec, args.chips, peak),
+        "seq_len": seq_len,
+        "remat_policy": cfg.remat_policy,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"model FLOPs/token      {per_token:.4e}  (6N + 12*L*H*Q*T, T = {seq_len})")
+    print(f"  without attention    {per_token_no_attn:.4e}  (6N)")
+    print(f"hardware FLOPs/token   {hardware:.4e}  (remat policy {cfg.remat_policy!r})")
+    print(f"peak per chip          {peak:.4e}  ({args.hardware}, dense bf16)")
+    print(f"MFU                    {100 * result['mfu']:.1f}%  "
+          f"({100 * result['mfu_no_attn']:.1f}% without attention)")
+    print(f"HFU                    {100 * result['hfu']:.1f}%")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `paxlike` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -129,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     from paxlike.errors import UserError
 
     try:
-        {"train": _train, "params": _params}[args.command](args, overrides)
+        {"train": _train, "params": _params, "mfu": _mfu}[args.command](args, overrides)
     except UserError as e:
         _fail(str(e))
 

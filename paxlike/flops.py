@@ -57,6 +57,19 @@ def model_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int,
     return flops
 
 
+def hardware_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int) -> float:
+    """FLOPs per token the hardware executes: model FLOPs plus the forward pass again under full remat.
+
+    With `remat_policy = 'full'` every layer's forward (2N + 4·L·H·Q·T) is recomputed in
+    the backward pass; 'save_dots' keeps the matmul outputs, so only elementwise work
+    (not counted) is redone; 'none' recomputes nothing.
+    """
+    flops = model_flops_per_token(cfg, params_shapes, seq_len)
+    if cfg.remat_policy == "full":
+        flops += model_flops_per_token(cfg, params_shapes, seq_len) / 3.0
+    return flops
+
+
 def device_peak_flops(device: jax.Device) -> tuple[float | None, str]:
     """(peak FLOP/s, source) from the table, or (None, reason) for a device it does not list."""
     kind = getattr(device, "device_kind", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import pathlib
 import re
@@ -56,11 +57,18 @@ def parse(gin_files: Sequence[str], overrides: dict[str, str]) -> None:
     gin.add_config_file_search_path(gin_dir())
     files = [resolve_gin_file(f) for f in (gin_files or [DEFAULT_RUN])]
     bindings = [f"{name} = {_as_gin_value(value)}" for name, value in overrides.items()]
+    # gin logs an error each time an include is not found relative to the working
+    # directory before it finds it on the search path; that is expected here.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
     try:
         gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
     except (ValueError, SyntaxError, KeyError, ImportError, IOError) as e:
         raise UserError(f"gin configuration error: {_one_line(e)}; check the gin files and "
                         "--gin.NAME=VALUE overrides") from None
+    finally:
+        root.setLevel(level)
 
 
 def macro(name: str):

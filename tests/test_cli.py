@@ -1,6 +1,5 @@
 """The command line: help text, and bad input refused with one line, exit status 2, nothing written."""
 
-import os
 import subprocess
 import sys
 
