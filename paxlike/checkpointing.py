@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -11,6 +12,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from paxlike.data import DataStream
+from paxlike.faults import EXIT_CHECKPOINT_FAILED, RunHalted
 
 STATE = "state"
 DATA = "data"
@@ -52,7 +54,9 @@ class Checkpointer:
                 save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
                 create=True, cleanup_tmp_directories=True),
             item_names=(STATE, DATA),
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataStreamHandler()},
         )
+        self.directory = os.fspath(epath.Path(directory).absolute())
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -60,12 +64,34 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, stream: DataStream, force: bool = False) -> bool:
         """Starts saving `state` and `stream`'s position at `step` if the interval (or force) says so."""
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                       DATA: DataStreamSave(stream)}),
-            force=force,
-        )
+        with self._failures(f"saving step {step}"):
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                           DATA: DataStreamSave(stream)}),
+                force=force,
+            )
+
+    @contextlib.contextmanager
+    def _failures(self, what: str):
+        """Reports a failed write (disk full, unwritable directory) as RunHalted.
+
+        An async save that failed surfaces here at the next save or wait; Orbax only
+        commits a step after all its files are written, so earlier steps stay intact.
+        """
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - any storage error ends the run the same way
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            raise RunHalted(
+                f"checkpoint write failed while {what} in {self.directory}: {lines[0][:300]}; "
+                f"checkpoints up to step {self.latest_step()} are intact; free disk space or "
+                "fix permissions, then rerun the same command", EXIT_CHECKPOINT_FAILED) from None
+
+    def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """'path/to/param' -> shape of every parameter saved at `step`, from the metadata alone."""
+        metadata = self._manager.item_metadata(step)[STATE]
+        return param_shapes(metadata["params"])
 
     def restore(self, step: int, abstract_state: Any, stream: DataStream) -> Any:
         """Loads the state at `step` into the shardings of `abstract_state`, and moves `stream` there."""
@@ -76,10 +102,28 @@ class Checkpointer:
         )
         return restored[STATE]
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether all processes have agreed that a preemption notice arrived by `step`."""
+        return self._manager.reached_preemption(step)
+
+    def step_path(self, step: int) -> str:
+        """Directory of the checkpoint of `step`."""
+        return os.path.join(self.directory, str(step))
+
     def wait(self) -> None:
         """Blocks until any in-flight save has been committed."""
-        self._manager.wait_until_finished()
+        with self._failures("finishing a save"):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the last save and releases the manager."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+
+def param_shapes(params) -> dict[str, tuple[int, ...]]:
+    """'path/to/param' -> shape for a parameter tree (arrays, abstract values or Orbax metadata)."""
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -20,7 +20,12 @@ gin macros every run file understands (set with --gin.NAME=VALUE):
   SEED                   seed of parameter init and data order
   CHECKPOINT_EVERY       steps between (async) checkpoints
   LOG_EVERY              steps between metrics.jsonl / TensorBoard records
+  MAX_BAD_STEPS          non-finite steps in a row (each skipped) before the run stops
+  INIT_FROM              model directory whose parameters start a fresh run (None)
   MODEL_DIR              where checkpoints, metrics and config.gin go (or --model_dir)
+
+exit status: 0 done, 2 bad input (nothing written), 3 too many non-finite steps,
+  4 a checkpoint could not be written, 75 preempted (SIGTERM; checkpoint saved, rerun to resume)
 
 example:
   paxlike train --model_dir /tmp/run                       # the default job
@@ -68,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="chip type, for its peak dense bf16 FLOP/s")
     mfu.add_argument("--seq_len", type=int, help="sequence length (default: the model's max_seq_len)")
     mfu.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from paxlike import layouts
+
+    layouts.add_arguments(commands.add_parser(
+        "layouts", help="compare sharding layouts: memory, collectives and speed of one train step",
+        description="Compile the train step under each --layout (without training) for local "
+                    "devices or a TPU topology, e.g. paxlike layouts --gin_file "
+                    "models/palm_62b.gin --topology v4:8x8x8 --layout fsdp --layout palm_2d"))
+
+    from paxlike.hf_convert import add_convert_command
+
+    add_convert_command(commands)
     return parser
 
 
@@ -90,8 +107,10 @@ def _fail(message: str) -> None:
 
 
 def _train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
-    from paxlike import gin_config
+    from paxlike import distributed, gin_config
     from paxlike.trainer import TrainConfig, train
+
+    distributed.initialize()  # a no-op unless a launcher set PAXLIKE_* variables
 
     if args.model_dir:
         overrides = {**overrides, "MODEL_DIR": args.model_dir}
@@ -170,6 +189,21 @@ def _mfu(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     print(f"HFU                    {100 * result['hfu']:.1f}%")
 
 
+def _layouts(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from paxlike import layouts
+
+    layouts.run(args, overrides)
+
+
+def _convert(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from paxlike.errors import UserError
+    from paxlike.hf_convert import run_convert
+
+    if overrides:
+        raise UserError("convert takes no --gin.NAME=VALUE overrides")
+    run_convert(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `paxlike` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -184,11 +218,16 @@ def main(argv: list[str] | None = None) -> None:
     # jax warns that it probed for a TPU; on a CPU or GPU machine that is expected.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     from paxlike.errors import UserError
+    from paxlike.faults import RunHalted
 
     try:
-        {"train": _train, "params": _params, "mfu": _mfu}[args.command](args, overrides)
+        {"train": _train, "params": _params, "mfu": _mfu,
+         "layouts": _layouts, "convert": _convert}[args.command](args, overrides)
     except UserError as e:
         _fail(str(e))
+    except RunHalted as e:
+        print(f"paxlike: stopped: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_status) from None
 
 
 if __name__ == "__main__":

@@ -98,9 +98,16 @@ class DataStream:
                 f"shards; use a multiple of {num_shards}")
         per_process = num_shards // process_count
         shards = range(process_index * per_process, (process_index + 1) * per_process)
-        with tf.device("/cpu:0"):
-            self._iterators = [
-                iter(_shard_dataset(config, split, s, num_shards, shuffle)) for s in shards]
+        try:
+            with tf.device("/cpu:0"):
+                self._iterators = [
+                    iter(_shard_dataset(config, split, s, num_shards, shuffle)) for s in shards]
+        except (ValueError, tf.errors.NotFoundError) as e:
+            # seqio raises these when a split or file pattern has nothing behind it.
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"cannot read the {split!r} split of {config.mixture_or_task_name!r}: "
+                f"{first_line}; check the Task's file patterns and split names") from None
         self._checkpoint = tf.train.Checkpoint(
             **{f"shard_{s}": it for s, it in zip(shards, self._iterators)})
 

@@ -52,7 +52,11 @@ def _as_gin_value(value: str) -> str:
 
 
 def parse(gin_files: Sequence[str], overrides: dict[str, str]) -> None:
-    """Clears gin, parses the files (default run when none) then the overrides, as T5X does."""
+    """Clears gin, parses the files (default run when none) then the overrides, as T5X does.
+
+    An override of a macro (a name without a dot) must name a macro the files define:
+    gin would otherwise accept a misspelt `--gin.TRIAN_STEPS=5` and silently ignore it.
+    """
     gin.clear_config()
     gin.add_config_file_search_path(gin_dir())
     files = [resolve_gin_file(f) for f in (gin_files or [DEFAULT_RUN])]
@@ -63,12 +67,37 @@ def parse(gin_files: Sequence[str], overrides: dict[str, str]) -> None:
     level = root.level
     root.setLevel(logging.CRITICAL)
     try:
-        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+        gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+        for name in overrides:
+            if "." not in name and name != "MODEL_DIR" and not _macro_defined(name):
+                raise UserError(
+                    f"--gin.{name}: no gin file given defines the macro {name}; check its "
+                    "spelling (see 'paxlike train --help' for the macros run files define)")
+        gin.parse_config_files_and_bindings([], bindings, finalize_config=False)
+        _check_required_macros()
     except (ValueError, SyntaxError, KeyError, ImportError, IOError) as e:
         raise UserError(f"gin configuration error: {_one_line(e)}; check the gin files and "
                         "--gin.NAME=VALUE overrides") from None
     finally:
         root.setLevel(level)
+
+
+def _check_required_macros() -> None:
+    """Names the first macro a gin file marks %gin.REQUIRED that nothing has set."""
+    unset = re.findall(r"^(\w+) = %gin\.REQUIRED$", gin.config_str(), flags=re.MULTILINE)
+    if "MODEL_DIR" in unset:
+        raise UserError("MODEL_DIR is not set; pass --model_dir DIR (or --gin.MODEL_DIR=DIR)")
+    if unset:
+        raise UserError(f"the gin files require macro {unset[0]} but it is not set; pass "
+                        f"--gin.{unset[0]}=VALUE (see the gin file's header for what to use)")
+
+
+def _macro_defined(name: str) -> bool:
+    try:
+        gin.query_parameter(f"%{name}")
+        return True
+    except ValueError:
+        return False
 
 
 def macro(name: str):
@@ -83,8 +112,9 @@ def build(configurable):
     """Calls a gin-configurable with its bound arguments, turning gin's complaints into UserError."""
     try:
         return configurable()
-    except UserError:
-        raise
+    except UserError as e:
+        # gin appends "In call to configurable ..." lines to errors raised inside a call.
+        raise UserError(_one_line(e)) from None
     except (ValueError, TypeError, RuntimeError) as e:
         message = _one_line(e)
         required = re.search(r"Required bindings for `?([\w.]+)`? not provided in config: \[(.*?)\]",

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Mapping
 
+import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
@@ -19,14 +20,20 @@ class MetricsWriter:
 
     def __init__(self, model_dir: str, total_steps: int, start_step: int, show_progress: bool | None = None):
         self._jsonl_path = os.path.join(model_dir, "metrics.jsonl")
-        self._tb = SummaryWriter(os.path.join(model_dir, "tensorboard"), flush_secs=30)
+        # Every process computes the same (replicated) metrics; process 0 alone records them.
+        self._primary = jax.process_index() == 0
+        self._tb = (SummaryWriter(os.path.join(model_dir, "tensorboard"), flush_secs=30)
+                    if self._primary else None)
         if show_progress is None:
             show_progress = sys.stderr.isatty()
+        show_progress = show_progress and self._primary
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                               disable=not show_progress, dynamic_ncols=True)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Records `scalars` at `step` in every sink."""
+        if not self._primary:
+            return
         record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
         with open(self._jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -44,7 +51,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._bar.close()
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def _plain(value):

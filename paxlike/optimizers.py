@@ -36,6 +36,10 @@ class OptimizerConfig:
         if self.schedule not in _SCHEDULES:
             raise UserError(
                 f"OptimizerConfig.schedule = {self.schedule!r}; choose one of {list(_SCHEDULES)}")
+        if not isinstance(self.peak_learning_rate, (int, float)) or isinstance(
+                self.peak_learning_rate, bool):
+            raise UserError(f"learning rate {self.peak_learning_rate!r} is not a number; set "
+                            "LEARNING_RATE (OptimizerConfig.peak_learning_rate) to e.g. 3e-3")
         if not self.peak_learning_rate > 0:
             raise UserError(
                 f"learning rate {self.peak_learning_rate!r} must be positive; set "

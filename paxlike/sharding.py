@@ -53,14 +53,43 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape (axis name -> size, one size may be -1) and the logical axis rules."""
+    """Mesh shape (axis -> ICI size within a slice, one may be -1), DCN shape across slices, and the rules."""
 
     shape: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
     rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = DEFAULT_RULES
     num_devices: int | None = None  # the mesh spans the first N devices; None = all of them
+    # Axis -> number of slices it spans over the data-center network (multislice);
+    # an axis's full size is shape[axis] * dcn_shape[axis]. Unlisted axes are 1.
+    dcn_shape: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def resolved_dcn_shape(self) -> dict[str, int]:
+        """Every mesh axis with its DCN size; raises UserError for unknown axes or bad sizes."""
+        for name, size in dict(self.dcn_shape).items():
+            if name not in MESH_AXES:
+                raise UserError(f"MeshConfig.dcn_shape has unknown axis {name!r}; use axes from "
+                                f"{list(MESH_AXES)}")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise UserError(f"MeshConfig.dcn_shape[{name!r}] = {size!r}; each size must be a "
+                                "positive int")
+        return {name: dict(self.dcn_shape).get(name, 1) for name in MESH_AXES}
 
     def resolved_shape(self, num_devices: int) -> dict[str, int]:
-        """Every mesh axis with its size, the -1 entry filled in; raises UserError if impossible."""
+        """Every mesh axis with its full size (ICI x DCN), the -1 entry filled in; raises UserError if impossible."""
+        dcn = self.resolved_dcn_shape()
+        ici = self.resolved_ici_shape(num_devices)
+        return {name: ici[name] * dcn[name] for name in MESH_AXES}
+
+    def resolved_ici_shape(self, num_devices: int) -> dict[str, int]:
+        """Every mesh axis with its size within one slice, the -1 entry filled in; raises UserError if impossible."""
+        slices = math.prod(self.resolved_dcn_shape().values())
+        if num_devices % slices:
+            raise UserError(
+                f"MeshConfig.dcn_shape {dict(self.dcn_shape)} spans {slices} slices, which does "
+                f"not divide the {num_devices} devices; choose DCN sizes whose product divides it")
+        num_devices //= slices
+        if not isinstance(self.shape, Mapping):
+            raise UserError(f"MESH_SHAPE = {self.shape!r} is not a dict; write e.g. "
+                            "\"{'data': 2, 'fsdp': 2, 'tensor': 2}\"")
         shape = dict(self.shape)
         unknown = sorted(set(shape) - set(MESH_AXES))
         if unknown:
@@ -102,15 +131,38 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
                 f"MeshConfig.num_devices = {config.num_devices} but {len(devices)} devices are "
                 f"present; choose 1..{len(devices)} or None for all")
         devices = devices[: config.num_devices]
-    shape = config.resolved_shape(len(devices))
-    sizes = tuple(shape[name] for name in MESH_AXES)
-    try:
-        device_grid = mesh_utils.create_device_mesh(sizes, devices)
-    except (AssertionError, NotImplementedError, ValueError):
-        # Topology-aware placement only knows some device kinds; a plain
-        # reshape is always valid, merely less tuned to the interconnect.
-        device_grid = np.asarray(devices).reshape(sizes)
+    dcn = config.resolved_dcn_shape()
+    ici = config.resolved_ici_shape(len(devices))
+    ici_sizes = tuple(ici[name] for name in MESH_AXES)
+    dcn_sizes = tuple(dcn[name] for name in MESH_AXES)
+    if math.prod(dcn_sizes) > 1:
+        device_grid = _hybrid_grid(ici_sizes, dcn_sizes, devices)
+    else:
+        try:
+            device_grid = mesh_utils.create_device_mesh(ici_sizes, devices)
+        except (AssertionError, NotImplementedError, ValueError):
+            # Topology-aware placement only knows some device kinds; a plain
+            # reshape is always valid, merely less tuned to the interconnect.
+            device_grid = np.asarray(devices).reshape(ici_sizes)
     return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _hybrid_grid(ici_sizes: tuple[int, ...], dcn_sizes: tuple[int, ...],
+                 devices: Sequence[jax.Device]) -> np.ndarray:
+    """Devices laid out so each axis's outer (DCN) part crosses slices and its inner (ICI) part stays within one."""
+    if all(getattr(d, "slice_index", None) is not None for d in devices):
+        slices = len({d.slice_index for d in devices})
+        if slices != math.prod(dcn_sizes):
+            raise UserError(
+                f"MeshConfig.dcn_shape spans {math.prod(dcn_sizes)} slices but the devices form "
+                f"{slices}; make the DCN sizes multiply to {slices}")
+        return mesh_utils.create_hybrid_device_mesh(ici_sizes, dcn_sizes, devices)
+    # No slice information (CPU, one host): treat consecutive blocks of devices as
+    # the slices, then interleave so every axis is (dcn outer, ici inner).
+    n = len(MESH_AXES)
+    grid = np.asarray(devices).reshape(dcn_sizes + ici_sizes)
+    grid = grid.transpose([axis for i in range(n) for axis in (i, n + i)])
+    return grid.reshape([d * i for d, i in zip(dcn_sizes, ici_sizes)])
 
 
 def batch_size_divisor(mesh: Mesh) -> int:

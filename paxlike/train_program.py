@@ -60,7 +60,8 @@ class TrainProgram:
         self.abstract_batch = {
             k: jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=self.batch_sharding)
             for k in FEATURES}
-        boxed = jax.eval_shape(self._init_boxed_params, jax.random.key(0))
+        # The key is made inside the trace: nothing runs, even on a described (absent) TPU mesh.
+        boxed = jax.eval_shape(lambda: self._init_boxed_params(jax.random.key(0)))
         self.abstract_params = sharding.strip_boxes(boxed)
         param_shardings = sharding.logical_shardings(boxed, mesh, rules)
         abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
@@ -106,11 +107,20 @@ class TrainProgram:
             return (ce + z) / weight, (ce / weight, z / weight)
 
         (total, (ce, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": ce, "z_loss": z, "total_loss": total,
-                   "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": self.schedule(state.step)}
+        # A non-finite loss, gradient or updated weight skips the update: the step
+        # counter (and the data) move on, the weights and optimizer state do not.
+        params_finite = jax.tree.reduce(
+            jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), params))
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & params_finite
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        metrics = {"loss": ce, "z_loss": z, "total_loss": total, "grad_norm": grad_norm,
+                   "learning_rate": self.schedule(state.step),
+                   "skipped": 1 - ok.astype(jnp.int32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def _eval_step(self, params, batch):

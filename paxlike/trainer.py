@@ -9,14 +9,17 @@ import time
 
 import gin
 import jax
+import numpy as np
+import tensorflow as tf
 from flax import linen as nn
 
 from paxlike import flops as flops_lib
 from paxlike import sharding
-from paxlike.checkpointing import Checkpointer
+from paxlike.checkpointing import Checkpointer, param_shapes
 from paxlike.config import ModelConfig
 from paxlike.data import DataConfig, DataStream, vocab_size
 from paxlike.errors import UserError
+from paxlike.faults import BadStepCounter, PreemptionWatcher, RunHalted, EXIT_PREEMPTED
 from paxlike.metrics import MetricsWriter
 from paxlike.optimizers import OptimizerConfig
 from paxlike.train_program import TrainProgram, TrainState
@@ -40,6 +43,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: no periodic evaluation
     eval_steps: int = 4
     seed: int = 0  # parameter initialisation
+    max_bad_steps: int = 20  # non-finite steps in a row before the run stops
+    init_from: str | None = None  # a model directory whose parameters start a fresh run
 
     def __post_init__(self):
         for field in ("train_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -91,60 +96,146 @@ def _evaluate(program: TrainProgram, params, batches) -> float:
     return ce_sum / max(weight, 1.0)
 
 
+def _check_model_dir(model_dir: str) -> None:
+    """Refuses a MODEL_DIR that is a file or sits where nothing can be written."""
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise UserError(f"MODEL_DIR {model_dir!r} is a file; pass a directory to --model_dir")
+    existing = os.path.abspath(model_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"MODEL_DIR {model_dir!r} cannot be created or written ({existing!r} is "
+                        "not a writable directory); choose a writable --model_dir")
+
+
+def _first_batch(stream: DataStream, data: DataConfig) -> dict[str, np.ndarray]:
+    """Reads one batch, turning an empty data source into a UserError before anything is written."""
+    try:
+        return next(stream)
+    except (StopIteration, tf.errors.OutOfRangeError):
+        raise UserError(
+            f"MIXTURE_OR_TASK_NAME {data.mixture_or_task_name!r} yielded no examples for the "
+            "train split; check its data source (file patterns, split names, filters)") from None
+
+
+def _check_same_model(checkpointer: Checkpointer, step: int, program: TrainProgram) -> None:
+    """Refuses a checkpoint whose parameters differ in name or shape from this run's model."""
+    saved = checkpointer.param_shapes(step)
+    wanted = param_shapes(program.abstract_params)
+    for name in sorted(set(saved) | set(wanted)):
+        if saved.get(name) != wanted.get(name):
+            raise UserError(
+                f"{checkpointer.step_path(step)} holds a different model: parameter {name} is "
+                f"{saved.get(name, 'absent')} there but {wanted.get(name, 'absent')} in this "
+                "config; use a new --model_dir to train this model")
+
+
+def _restore_or_init(program: TrainProgram, checkpointer: Checkpointer, stream: DataStream,
+                     config: TrainConfig) -> tuple[TrainState, int]:
+    """(state, step): the newest checkpoint's, or a fresh initialisation at step 0."""
+    start = checkpointer.latest_step()
+    if start is None:
+        state = program.init(jax.random.key(config.seed))
+        if config.init_from:
+            from paxlike.model_dir import load_params
+
+            # Continued pretraining: another directory's parameters with this run's fresh
+            # optimizer state (which, for AdamW and Adafactor, does not depend on the values).
+            state = state.replace(params=load_params(config.init_from, program.abstract_state.params))
+            log.info("parameters initialised from %s", config.init_from)
+        return state, 0
+    try:
+        _check_same_model(checkpointer, start, program)
+        state = checkpointer.restore(start, program.abstract_state, stream)
+    except UserError:
+        raise
+    except Exception as e:  # whatever a damaged file raises, nothing half-loaded is used
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"checkpoint {checkpointer.step_path(start)} cannot be read ({message[:200]}); "
+            "delete that step directory to resume from an earlier one, or use a new "
+            "--model_dir") from None
+    log.info("resumed from step %d", start)
+    return state, start
+
+
+def _write_config(model_dir: str, config: TrainConfig) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+            f.write(gin.operative_config_str() or f"# {config!r}\n")
+
+
 def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None) -> TrainResult:
-    """Trains (or resumes) the run in `model_dir` to `config.train_steps`; returns its logged losses."""
+    """Trains (or resumes) the run in `model_dir` to `config.train_steps`; returns its logged losses.
+
+    Raises UserError for input that cannot run (before writing anything) and
+    RunHalted when the run stops early on purpose (preemption, divergence, a failed save).
+    """
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.mesh.rules)
     _check(config, mesh)
+    _check_model_dir(model_dir)
+    bad_steps = BadStepCounter(config.max_bad_steps)
     stream = DataStream(config.data, "train", jax.process_index(), jax.process_count())
+    pending_batch = _first_batch(stream, config.data)
     # Measured (where the device has no table entry) outside the mesh context, on one device.
-    peak, peak_source = flops_lib.peak_flops_per_device(jax.devices()[0], config.model.dtype)
+    peak, peak_source = flops_lib.peak_flops_per_device(jax.local_devices()[0], config.model.dtype)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), PreemptionWatcher() as preemption:
         program = TrainProgram(config, mesh, rules)
-        os.makedirs(model_dir, exist_ok=True)
-        if jax.process_index() == 0:
-            with open(os.path.join(model_dir, "config.gin"), "w") as f:
-                f.write(gin.operative_config_str() or f"# {config!r}\n")
         checkpointer = Checkpointer(os.path.join(model_dir, "checkpoints"),
                                     config.checkpoint_every, config.keep_checkpoints)
-        start = checkpointer.latest_step()
-        if start is None:
-            state = program.init(jax.random.key(config.seed))
-            start = 0
-        else:
-            state = checkpointer.restore(start, program.abstract_state, stream)
-            log.info("resumed from step %d", start)
-
-        t0 = time.perf_counter()
-        compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
-        compile_s = time.perf_counter() - t0
-        devices = mesh.devices.size
-        flops_per_token = flops_lib.model_flops_per_token(
-            config.model, program.abstract_params, config.data.seq_len)
-        tokens_per_step = config.data.batch_size * config.data.seq_len
-        log.info("mesh %s, %d devices, compile %.1fs, %.4g model FLOPs/token, peak %.4g FLOP/s "
-                 "per device (%s)", dict(mesh.shape), devices, compile_s, flops_per_token, peak,
-                 peak_source)
-
-        writer = MetricsWriter(model_dir, config.train_steps, start, show_progress)
-        losses: dict[int, float] = {}
-        eval_batches = None
-        window_start, window_steps = time.perf_counter(), 0
         try:
-            for step in range(start + 1, config.train_steps + 1):
-                state, metrics = compiled(state, program.device_batch(next(stream)))
-                window_steps += 1
-                writer.advance()
-                checkpointer.save(step, state, stream, force=step == config.train_steps)
-                if step % config.log_every and step != config.train_steps:
-                    continue
+            state, start = _restore_or_init(program, checkpointer, stream, config)
+            if start:
+                pending_batch = None  # the restored stream is already past it
+            _write_config(model_dir, config)
+            losses = _loop(config, model_dir, program, checkpointer, stream, state, start,
+                           pending_batch, bad_steps, preemption, peak, peak_source, show_progress)
+        finally:
+            checkpointer.close()
+    return losses
+
+
+def _loop(config, model_dir, program, checkpointer, stream, state, start, pending_batch,
+          bad_steps, preemption, peak, peak_source, show_progress) -> TrainResult:
+    """Steps from `start` to the end, saving, logging and watching for faults."""
+    mesh = program.mesh
+    t0 = time.perf_counter()
+    compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
+    compile_s = time.perf_counter() - t0
+    devices = mesh.devices.size
+    flops_per_token = flops_lib.model_flops_per_token(
+        config.model, program.abstract_params, config.data.seq_len)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    log.info("mesh %s, %d devices, compile %.1fs, %.4g model FLOPs/token, peak %.4g FLOP/s "
+             "per device (%s)", dict(mesh.shape), devices, compile_s, flops_per_token, peak,
+             peak_source)
+
+    writer = MetricsWriter(model_dir, config.train_steps, start, show_progress)
+    losses: dict[int, float] = {}
+    eval_batches = None
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        for step in range(start + 1, config.train_steps + 1):
+            batch = pending_batch if pending_batch is not None else next(stream)
+            pending_batch = None
+            state, metrics = compiled(state, program.device_batch(batch))
+            window_steps += 1
+            writer.advance()
+            skipped = bool(metrics["skipped"])
+            saved = checkpointer.save(step, state, stream, force=step == config.train_steps)
+            preempted = preemption.should_stop(step, checkpointer, jax.process_count() > 1)
+            # Skipped steps are always logged (rare and worth seeing), and so is the
+            # step a preemption stops at.
+            if (skipped or preempted or step % config.log_every == 0
+                    or step == config.train_steps):
                 metrics = jax.device_get(metrics)
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / window_steps
+                step_time = (time.perf_counter() - window_start) / window_steps
                 tokens_per_sec = tokens_per_step / step_time
                 scalars = {k: float(v) for k, v in metrics.items()}
                 scalars.update(
+                    skipped_steps=bad_steps.total + skipped,
                     step_time_s=step_time, tokens_per_sec=tokens_per_sec,
                     tflops_per_device=flops_per_token * tokens_per_sec / devices / 1e12,
                     mfu=flops_lib.mfu(flops_per_token, tokens_per_sec, devices, peak),
@@ -155,7 +246,14 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
                 losses[step] = scalars["loss"]
                 writer.write(step, scalars)
                 window_start, window_steps = time.perf_counter(), 0
-        finally:
-            checkpointer.close()
-            writer.close()
+            bad_steps.record(step, skipped, checkpointer.latest_step())
+            if preempted:
+                if not saved:
+                    checkpointer.save(step, state, stream, force=True)
+                checkpointer.wait()
+                raise RunHalted(
+                    f"preempted: checkpoint of step {step} saved to {checkpointer.step_path(step)}; "
+                    "rerun the same command to resume", EXIT_PREEMPTED)
+    finally:
+        writer.close()
     return TrainResult(final_step=config.train_steps, losses=losses, state=state)

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from paxlike.cli import main
+
 
 def _paxlike(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "paxlike.cli", *args], capture_output=True,
@@ -33,19 +35,36 @@ BAD_INPUTS = [
     (["--gin.LEARNING_RATE=-1.0"], "learning rate -1.0 must be positive"),
     (["--gin.ModelConfig.vocab_size=100"], "ModelConfig.vocab_size = 100 is smaller than the data's"),
     (["--gin.ModelConfig.no_such_field=1"], "gin configuration error"),
+    (["--gin.TRIAN_STEPS=5"], "--gin.TRIAN_STEPS: no gin file given defines the macro"),
+    (["--gin.TRAIN_STEPS=abc"], "TRAIN_STEPS = 'abc'; it must be a positive integer"),
+    (["--gin.MESH_SHAPE=data"], "MESH_SHAPE = 'data' is not a dict"),
+    (["--gin.LEARNING_RATE=fast"], "learning rate 'fast' is not a number"),
+    (["--gin.BATCH_SIZE=0"], "BATCH_SIZE = 0; it must be a positive integer"),
+    (["--gin_file", "runs/llama_adamw.gin"], "require macro LEARNING_RATE but it is not set"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m[:30] for _, m in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys, args, message):
+    # In-process (the command's own main), with this test process's 8 CPU devices.
     model_dir = tmp_path / "run"
-    result = _paxlike("train", "--gin_file", "models/tiny_palm.gin", "--gin_file",
-                      "runs/pretrain.gin", "--model_dir", str(model_dir), *args)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("paxlike: error:")]
-    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--gin_file", "models/tiny_palm.gin", "--gin_file", "runs/pretrain.gin",
+              "--model_dir", str(model_dir), "--no_progress", *args])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("paxlike: error:")]
+    assert len(lines) == 1 and message in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
     assert not model_dir.exists()
+
+
+def test_one_real_process_refuses_with_exit_status_2(tmp_path):
+    result = _paxlike("train", "--model_dir", str(tmp_path / "run"), "--gin.SEQ_LEN=0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "paxlike: error: SEQ_LEN = 0; it must be a positive integer")
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
 def test_missing_model_dir_is_refused():

@@ -1,0 +1,56 @@
+"""Loading a paxlike model directory for inference: `load_model(model_dir).logits(tokens)`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from paxlike import model_dir as model_dir_lib
+from paxlike.config import ModelConfig
+from paxlike.model import Transformer
+from paxlike.param_count import abstract_params
+
+
+class LanguageModel:
+    """A model with its parameters on one device; `logits` runs the forward pass."""
+
+    def __init__(self, config: ModelConfig, params: Any):
+        self.config = config
+        self.params = params
+        self._apply = jax.jit(Transformer(config).apply)
+
+    def logits(self, tokens: np.ndarray, positions: np.ndarray | None = None,
+               segment_ids: np.ndarray | None = None) -> np.ndarray:
+        """(batch, seq) int token ids -> (batch, seq, vocab) float32 logits.
+
+        By default each row is one document (positions 0..seq-1); packed rows pass their
+        `positions` and `segment_ids` as the training batches carry them.
+        """
+        cfg = self.config
+        tokens_bt = np.asarray(tokens)
+        if tokens_bt.ndim != 2 or not np.issubdtype(tokens_bt.dtype, np.integer):
+            raise ValueError(f"tokens must be a 2-D integer array (batch, seq), got "
+                             f"{tokens_bt.dtype} of shape {tokens_bt.shape}")
+        if tokens_bt.size and (tokens_bt.min() < 0 or tokens_bt.max() >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+        batch, seq = tokens_bt.shape
+        positions_bt = (np.broadcast_to(np.arange(seq), (batch, seq)) if positions is None
+                        else np.asarray(positions))
+        segment_ids_bt = np.ones((batch, seq)) if segment_ids is None else np.asarray(segment_ids)
+        if cfg.position == "learned" and positions_bt.size and positions_bt.max() >= cfg.max_seq_len:
+            raise ValueError(f"positions reach {positions_bt.max()}, beyond the learned table's "
+                             f"max_seq_len = {cfg.max_seq_len}")
+        logits_btv = self._apply({"params": self.params}, tokens_bt.astype(np.int32),
+                                 positions_bt.astype(np.int32), segment_ids_bt.astype(np.int32))
+        return np.asarray(logits_btv, np.float32)
+
+
+def load_model(model_dir: str) -> LanguageModel:
+    """The model in a paxlike model directory (written by training or by `paxlike convert`), newest checkpoint."""
+    config = model_dir_lib.read_model_config(model_dir)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract_params(config))
+    return LanguageModel(config, model_dir_lib.load_params(model_dir, abstract))

@@ -1,0 +1,304 @@
+"""`paxlike layouts`: compile one train step under several sharding layouts and compare memory, collectives and speed."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import re
+import time
+from typing import Any, Sequence
+
+from paxlike import gin_config
+from paxlike.collectives import KINDS, collective_stats
+from paxlike.errors import UserError
+
+# A model file alone does not bind a run; this run file supplies data, optimizer and mesh.
+BASE_RUN = "runs/pretrain.gin"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `paxlike layouts` flags."""
+    parser.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                        help="model (or run) gin file, repeatable; default: the default job's")
+    parser.add_argument("--layout", action="append", required=True, metavar="NAME",
+                        help="layout under gin/layouts (dp, fsdp, tp, palm_2d, fsdp_tp, "
+                             "multislice_dp) or a gin file path; repeatable")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--devices", type=int, metavar="N",
+                        help="use the first N local devices (CPU: simulated if needed)")
+    target.add_argument("--topology", metavar="NAME",
+                        help="compile for a TPU slice, e.g. v4:8x8x8, v5e:16x16 (needs libtpu)")
+    parser.add_argument("--num_slices", type=int, default=1,
+                        help="slices of --topology joined over DCN (default 1)")
+    parser.add_argument("--batch_size", type=int, help="global batch in sequences (BATCH_SIZE)")
+    parser.add_argument("--seq_len", type=int, help="tokens per sequence (SEQ_LEN)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="train steps to time on local devices (0: compile only)")
+    parser.add_argument("--json", metavar="OUT", help="write one JSON object per layout to OUT")
+    parser.add_argument("--plot", metavar="OUT.png", help="draw a bar chart (needs paxlike[plot])")
+
+
+def _prepare_devices(args: argparse.Namespace) -> None:
+    """On CPU, asks for --devices simulated host devices before the backend starts."""
+    if args.devices and not args.topology:
+        import jax
+        from jax._src import xla_bridge
+
+        if not xla_bridge.backends_are_initialized():
+            jax.config.update("jax_num_cpu_devices", max(args.devices, 1))
+
+
+def run(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    """Entry point of `paxlike layouts`: prints the table and writes the requested files."""
+    if args.steps < 0 or (args.devices is not None and args.devices < 1):
+        raise UserError("--steps must be >= 0 and --devices >= 1")
+    for flag in ("batch_size", "seq_len"):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                raise UserError(f"--{flag} = {value}; it must be a positive integer")
+            overrides = {**overrides, flag.upper(): str(value)}
+    if args.plot:
+        _require_matplotlib()
+    layouts = [(name, _layout_file(name)) for name in args.layout]
+    _prepare_devices(args)
+    from paxlike import topology
+
+    target = (topology.tpu_target(args.topology, args.num_slices) if args.topology
+              else topology.local_target(args.devices))
+    base = [BASE_RUN, *args.gin_file] if args.gin_file else [gin_config.DEFAULT_RUN]
+    rows = [analyse(name, [*base, path], overrides, target, args.steps) for name, path in layouts]
+    print(format_table(rows, target))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot(rows, target, args.plot)
+
+
+def _layout_file(name: str) -> str:
+    try:
+        return gin_config.resolve_gin_file(name if name.endswith(".gin") and "/" in name
+                                           else f"layouts/{name}")
+    except UserError:
+        raise UserError(f"--layout {name!r} is neither a layout under gin/layouts nor a gin "
+                        "file; use dp, fsdp, tp, palm_2d, fsdp_tp or multislice_dp") from None
+
+
+def _tree_bytes(abstract, shardings) -> int:
+    """Bytes one device holds of a sharded tree, exactly, from each leaf's shard shape."""
+    import jax
+
+    total = 0
+    for leaf, shard in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        total += math.prod(shard.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return total
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def analyse(layout: str, gin_files: Sequence[str], overrides: dict[str, str], target,
+            steps: int) -> dict[str, Any]:
+    """One table row: compile the train step of `layout` on `target`; any reason it cannot apply becomes `error`."""
+    row: dict[str, Any] = {"layout": layout, "target": target.name,
+                           "device_memory_bytes": target.memory_per_device,
+                           "device_memory_source": target.memory_source}
+    try:
+        _analyse(row, gin_files, {**overrides, "MODEL_DIR": "'unused'"}, target, steps)
+    except (UserError, ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+        message = _one_line(e)
+        if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower():
+            row["fits"] = False  # the compiler itself refused: it needs more than the device has
+            needed = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+            if needed:
+                scale = 1 << (10 * "KMGT".index(needed.group(2)) + 10)
+                row["temp_bytes_per_device"] = int(float(needed.group(1)) * scale)
+        row["error"] = message
+    return row
+
+
+def _analyse(row: dict[str, Any], gin_files, overrides, target, steps: int) -> None:
+    import jax
+    from flax import linen as nn
+
+    from paxlike import flops as flops_lib
+    from paxlike import sharding
+    from paxlike.train_program import TrainProgram
+    from paxlike.trainer import TrainConfig, _check
+
+    gin_config.parse(gin_files, overrides)
+    config = gin_config.build(TrainConfig)
+    mesh = sharding.make_mesh(config.mesh, list(target.devices))
+    rules = tuple(config.mesh.rules)
+    _check(config, mesh)
+    row["mesh"] = {k: v for k, v in mesh.shape.items() if v > 1} or {"data": 1}
+    row["batch_size"], row["seq_len"] = config.data.batch_size, config.data.seq_len
+    # Measured (on CPU) outside the mesh context, on one device, once per dtype.
+    peak = _peak_flops(target.devices[0], config.model.dtype) if target.runnable and steps else None
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        program = TrainProgram(config, mesh, rules)  # abstract: nothing is allocated yet
+        shardings = program.state_shardings
+        row["param_bytes_per_device"] = _tree_bytes(program.abstract_params, shardings.params)
+        row["opt_state_bytes_per_device"] = _tree_bytes(program.abstract_state.opt_state,
+                                                        shardings.opt_state)
+        row["state_bytes_source"] = "exact: shard shapes of the state shardings"
+        t0 = time.perf_counter()
+        compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
+        row["compile_s"] = round(time.perf_counter() - t0, 2)
+        memory = compiled.memory_analysis()
+        row["temp_bytes_per_device"] = int(memory.temp_size_in_bytes)
+        # Live at once: arguments and outputs (less the donated state they share) and temporaries.
+        row["peak_bytes_per_device"] = int(
+            memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+        row["memory_source"] = "compiler: memory_analysis()"
+        limit = target.memory_per_device
+        row["fits"] = None if limit is None else row["peak_bytes_per_device"] <= limit
+        row["collectives"] = collective_stats(compiled.as_text())
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        row["flops"] = float(cost.get("flops", 0.0)) if cost else None  # per device, one step
+        flops_per_token = flops_lib.model_flops_per_token(
+            config.model, program.abstract_params, config.data.seq_len)
+        row["model_flops_per_step"] = flops_per_token * config.data.batch_size * config.data.seq_len
+        if target.runnable and steps:
+            row.update(_time_steps(program, compiled, config, mesh, steps, flops_per_token, peak))
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_flops(device, dtype: str) -> tuple[float, str]:
+    from paxlike import flops as flops_lib
+
+    return flops_lib.peak_flops_per_device(device, dtype)
+
+
+def _time_steps(program, compiled, config, mesh, steps: int, flops_per_token: float,
+                peak: tuple[float, str]) -> dict:
+    """Runs `steps` train steps on the default data; times those after the first."""
+    import jax
+
+    from paxlike import flops as flops_lib
+    from paxlike.data import DataStream
+
+    stream = DataStream(config.data, "train", jax.process_index(), jax.process_count())
+    state = program.init(jax.random.key(config.seed))
+    times, loss = [], None
+    for _ in range(steps):
+        batch = program.device_batch(next(stream))
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        loss = float(jax.block_until_ready(metrics)["loss"])
+        times.append(time.perf_counter() - t0)
+    step_time = sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]
+    tokens_per_sec = config.data.batch_size * config.data.seq_len / step_time
+    peak, source = peak
+    return {"steps": steps, "last_loss": loss, "step_time_s": step_time,
+            "tokens_per_sec": tokens_per_sec, "peak_flops_per_device": peak, "peak_source": source,
+            "mfu": flops_lib.mfu(flops_per_token, tokens_per_sec, mesh.devices.size, peak)}
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for scale, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_table(rows: list[dict[str, Any]], target) -> str:
+    """A fixed-width text table, one line per layout; errors in place of the numbers."""
+    short = {"all-reduce": "all-reduce", "all-gather": "all-gather", "reduce-scatter": "red-scatter",
+             "all-to-all": "all-to-all", "collective-permute": "permute"}
+    head = ["layout", "mesh", "params/dev", "opt/dev", "temp/dev", "peak/dev", "fits",
+            *(short[k] + " n/bytes" for k in KINDS), "GFLOP/dev", "step s", "tok/s", "MFU"]
+    lines: list[tuple[list[str], str]] = []  # (cells, error)
+    for r in rows:
+        if "mesh" not in r:
+            lines.append(([r["layout"]], r.get("error", "")))
+            continue
+        mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items())
+        coll = r.get("collectives") or {}
+        cells = [r["layout"], mesh, _bytes(r.get("param_bytes_per_device")),
+                 _bytes(r.get("opt_state_bytes_per_device")), _bytes(r.get("temp_bytes_per_device")),
+                 _bytes(r.get("peak_bytes_per_device")),
+                 {True: "yes", False: "NO", None: "?"}[r.get("fits")]]
+        cells += [f"{coll[k]['count']} / {_bytes(coll[k]['bytes'])}" if k in coll else "-"
+                  for k in KINDS]
+        cells.append(f"{r['flops'] / 1e9:.4g}" if r.get("flops") is not None else "-")
+        cells.append(f"{r['step_time_s']:.3g}" if "step_time_s" in r else "-")
+        cells.append(f"{r['tokens_per_sec']:.4g}" if "tokens_per_sec" in r else "-")
+        cells.append(f"{100 * r['mfu']:.2f}%" if "mfu" in r else "-")
+        lines.append((cells, r.get("error", "")))
+    widths = [max([len(head[i])] + [len(c[i]) for c, _ in lines if i < len(c)])
+              for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [f"target: {target.name}, device memory {_bytes(target.memory_per_device)} "
+           f"({target.memory_source}); params/opt exact from shard shapes, temp/peak from the "
+           "compiler; collectives: ops per step / bytes of their results per device",
+           fmt(head), fmt(["-" * w for w in widths])]
+    for cells, error in lines:
+        if len(cells) == 1:
+            out.append(f"{cells[0].ljust(widths[0])}  error: {error}")
+            continue
+        out.append(fmt(cells))
+        if error:  # got as far as the state's size, then failed (e.g. the compiler ran out of memory)
+            out.append(f"{''.ljust(widths[0])}  error: {error}")
+    return "\n".join(out)
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib; install it with pip install 'paxlike[plot]'") from None
+    matplotlib.use("Agg")
+
+
+def plot(rows: list[dict[str, Any]], target, path: str) -> None:
+    """Two panels: per-device memory by kind against the device's memory, and collective bytes per step by kind."""
+    _require_matplotlib()
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = [r for r in rows if "peak_bytes_per_device" in r]
+    names = [r["layout"] for r in ok]
+    x = np.arange(len(ok))
+    fig, (mem_ax, comm_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    series = [("parameters", "param_bytes_per_device"), ("optimizer state", "opt_state_bytes_per_device"),
+              ("temporaries", "temp_bytes_per_device"), ("peak", "peak_bytes_per_device")]
+    width = 0.8 / len(series)
+    largest = max([r["peak_bytes_per_device"] for r in ok] + [1])
+    # Small models on a large device: scale to the bars, and state the device's memory in words.
+    limit = target.memory_per_device
+    shown = max(largest, limit) if limit and limit < 4 * largest else largest
+    unit, scale = next((u, b) for u, b in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+                       if shown >= b)
+    for i, (label, key) in enumerate(series):
+        mem_ax.bar(x + (i - 1.5) * width, [r[key] / scale for r in ok], width, label=label)
+    if limit and limit < 4 * largest:
+        mem_ax.axhline(limit / scale, color="black", linestyle="--",
+                       label=f"device memory ({_bytes(limit)})")
+    title = "Memory per device" + (f" (device has {_bytes(limit)})" if limit else "")
+    mem_ax.set(title=title, ylabel=unit, xticks=x, xticklabels=names)
+    mem_ax.legend(fontsize=8)
+    kinds = [k for k in KINDS if any(r["collectives"][k]["count"] for r in ok)] or list(KINDS[:1])
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        mem = [r["collectives"][kind]["bytes"] / 2**20 for r in ok]
+        bars = comm_ax.bar(x + (i - (len(kinds) - 1) / 2) * width, mem, width, label=kind)
+        comm_ax.bar_label(bars, labels=[str(r["collectives"][kind]["count"]) for r in ok], fontsize=7)
+    comm_ax.set(title="Collectives per step per device (bar label: op count)",
+                ylabel="MiB moved (result size)", xticks=x, xticklabels=names)
+    comm_ax.legend(fontsize=8)
+    failed = [f"{r['layout']}: {r['error'][:80]}" for r in rows if "peak_bytes_per_device" not in r]
+    fig.suptitle(f"Sharding layouts on {target.name}"
+                 + ("\nnot shown: " + "; ".join(failed) if failed else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
