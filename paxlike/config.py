@@ -52,7 +52,10 @@ class ModelConfig:
     logits_rsqrt_d_model: bool = True  # PaLM scales shared-embedding logits by 1/sqrt(d_model)
     embed_init_std: float = 1.0
     z_loss_weight: float = 1e-4
-    scan_layers: bool = True
+    scan_layers: bool = True  # one compiled layer looped L times: compile time flat in depth
+    # Layers per scan iteration. XLA's CPU backend runs a rolled loop well below the speed
+    # of straight-line code (see docs/benchmarks.md); unrolling keeps the stacked weights.
+    scan_unroll: int = 1
     remat_policy: str = "none"
     dtype: str = "float32"  # compute dtype; parameters are always float32
 

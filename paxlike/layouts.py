@@ -79,12 +79,13 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
 
 def _layout_file(name: str) -> str:
-    try:
-        return gin_config.resolve_gin_file(name if name.endswith(".gin") and "/" in name
-                                           else f"layouts/{name}")
-    except UserError:
-        raise UserError(f"--layout {name!r} is neither a layout under gin/layouts nor a gin "
-                        "file; use dp, fsdp, tp, palm_2d, fsdp_tp or multislice_dp") from None
+    for candidate in (f"layouts/{name}", name) if name.endswith(".gin") else (f"layouts/{name}",):
+        try:
+            return gin_config.resolve_gin_file(candidate)
+        except UserError:
+            pass
+    raise UserError(f"--layout {name!r} is neither a layout under gin/layouts nor a gin "
+                    "file; use dp, fsdp, tp, palm_2d, fsdp_tp or multislice_dp")
 
 
 def _tree_bytes(abstract, shardings) -> int:
@@ -296,7 +297,10 @@ def plot(rows: list[dict[str, Any]], target, path: str) -> None:
     comm_ax.set(title="Collectives per step per device (bar label: op count)",
                 ylabel="MiB moved (result size)", xticks=x, xticklabels=names)
     comm_ax.legend(fontsize=8)
-    failed = [f"{r['layout']}: {r['error'][:80]}" for r in rows if "peak_bytes_per_device" not in r]
+    failed = [f"{r['layout']}: " + (f"does not fit ({_bytes(r['temp_bytes_per_device'])} of temporaries)"
+                                     if r.get("fits") is False and "temp_bytes_per_device" in r
+                                     else r.get("error", "")[:80])
+              for r in rows if "peak_bytes_per_device" not in r]
     fig.suptitle(f"Sharding layouts on {target.name}"
                  + ("\nnot shown: " + "; ".join(failed) if failed else ""), fontsize=10)
     fig.tight_layout()

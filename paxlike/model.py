@@ -48,6 +48,7 @@ class Transformer(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
+                unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
             x_btd, _ = stack(x_btd, positions_bt, segment_ids_bt)

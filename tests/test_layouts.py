@@ -171,3 +171,20 @@ def _param_shapes():
 
     gin_config.parse(["models/tiny_palm.gin"], {})
     return [leaf.shape for leaf in jax.tree.leaves(abstract_params(gin_config.build(ModelConfig)))]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v9:4x4"], "--topology 'v9:4x4' is not GENERATION:AxBxC"),
+    (["--topology", "v4:8x8"], "v4 slices have 3 positive dimensions"),
+    (["--devices", "99"], "--devices 99 but 8 cpu devices are present"),
+    (["--layout", "nope"], "--layout 'nope' is neither"),
+])
+def test_bad_layouts_input_is_one_line_exit_2(args, message, capsys):
+    import jax
+
+    assert len(jax.devices()) == 8  # started: --devices can no longer ask for more
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["layouts", "--layout", "dp", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("paxlike: error: ") and message in err

@@ -1,0 +1,102 @@
+"""Where a CPU train step's time goes: the step split into forward, backward, optimizer and the vocabulary head.
+
+Usage: python benchmarks/profile_step.py [--shape gpt3_125m] [--seq_len 256] [--batch 4]
+    [--gin.NAME=VALUE ...] [--json OUT]
+
+Times jitted pieces of the same program on a fixed random batch (median of --repeats):
+the loss forward, forward+backward, the whole step (with the AdamW update), and the
+output projection + cross-entropy alone; the differences attribute the step's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from paxlike import gin_config, sharding
+from paxlike.losses import cross_entropy_with_z_loss
+from paxlike.train_program import TrainProgram
+from paxlike.trainer import TrainConfig
+
+from train_throughput import SHAPES, _random_batch  # noqa: E402  (same directory)
+
+
+def _median_time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt3_125m")
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json")
+    args, rest = parser.parse_known_args(argv)
+    overrides = dict(a[len("--gin."):].split("=", 1) for a in rest if a.startswith("--gin."))
+    gin_file, extra = SHAPES[args.shape]
+    gin_config.parse([gin_file, "runs/pretrain.gin"], {
+        "MODEL_DIR": "'unused'", "SEQ_LEN": str(args.seq_len), "BATCH_SIZE": str(args.batch),
+        "MeshConfig.num_devices": "1", **{f"ModelConfig.{k}": str(v) for k, v in extra.items()},
+        **overrides})
+    config = gin_config.build(TrainConfig)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = tuple(config.mesh.rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        program = TrainProgram(config, mesh, rules)
+        state = program.init(jax.random.key(0))
+        batch = program.device_batch(_random_batch(config, np.random.default_rng(0)))
+
+        def loss(params, batch):
+            ce, z, w = program._loss_terms(params, batch)
+            return (ce + z) / w
+
+        forward = jax.jit(loss)
+        forward_backward = jax.jit(jax.value_and_grad(loss))
+        step = jax.jit(program._train_step)
+        b, t, d, v = args.batch, args.seq_len, config.model.d_model, config.model.vocab_size
+        x_btd = jnp.ones((b, t, d), config.model.compute_dtype)
+        table_vd = jnp.ones((v, d), jnp.float32) * 0.01
+        targets = batch["decoder_target_tokens"]
+
+        def head(table_vd, x_btd):
+            logits = jnp.einsum("btd,vd->btv", x_btd, table_vd)
+            ce, z, w = cross_entropy_with_z_loss(logits, targets, jnp.ones_like(targets), 1e-4)
+            return ce / w
+
+        head_grad = jax.jit(jax.value_and_grad(head, argnums=(0, 1)))
+        timings = {
+            "forward_s": _median_time(forward, state.params, batch, repeats=args.repeats),
+            "forward_backward_s": _median_time(forward_backward, state.params, batch,
+                                               repeats=args.repeats),
+            "step_s": _median_time(step, state, batch, repeats=args.repeats),
+            "vocab_head_forward_backward_s": _median_time(head_grad, table_vd, x_btd,
+                                                          repeats=args.repeats),
+        }
+    timings["backward_s"] = timings["forward_backward_s"] - timings["forward_s"]
+    timings["optimizer_s"] = timings["step_s"] - timings["forward_backward_s"]
+    result = {"benchmark": "profile_step", "shape": args.shape, "seq_len": args.seq_len,
+              "batch": args.batch, "overrides": overrides, **timings,
+              "vocab_head_fraction_of_step": timings["vocab_head_forward_backward_s"]
+              / timings["step_s"]}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
