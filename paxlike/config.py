@@ -82,6 +82,18 @@ class ModelConfig:
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
 
+    @classmethod
+    def from_fields(cls, **fields) -> "ModelConfig":
+        """These fields over the class defaults, whatever gin has bound.
+
+        gin supplies every argument a call leaves out, so `ModelConfig(d_model=64)` made
+        after a gin file was parsed would take that file's other values; code that builds
+        a config from its own description (a checkpoint, a Hugging Face config) uses this.
+        """
+        values = {f.name: f.default for f in dataclasses.fields(cls)}
+        values.update(fields)
+        return cls(**values)
+
     @property
     def compute_dtype(self) -> jnp.dtype:
         """The dtype matmuls run in."""

@@ -82,7 +82,7 @@ def config_from_hf(family: Family, hf: dict) -> ModelConfig:
                             f"paxlike has one ModelConfig.{rule.field} for both")
         fields[rule.field] = value
         source[rule.field] = label
-    return ModelConfig(**fields)
+    return ModelConfig.from_fields(**fields)
 
 
 def config_to_hf(family: Family, cfg: ModelConfig) -> dict:

@@ -80,7 +80,7 @@ def read_model_config(model_dir: str) -> ModelConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"{path} binds unknown ModelConfig field(s) {unknown}")
-    return ModelConfig(**values)
+    return ModelConfig.from_fields(**values)
 
 
 def model_config_gin(cfg: ModelConfig, header: list[str]) -> str:

@@ -190,16 +190,37 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
             if start:
                 pending_batch = None  # the restored stream is already past it
             _write_config(model_dir, config)
-            losses = _loop(config, model_dir, program, checkpointer, stream, state, start,
-                           pending_batch, bad_steps, preemption, peak, peak_source, show_progress)
+            writer = MetricsWriter(model_dir, config.train_steps, start, show_progress)
+            try:
+                run = _Run(config, program, checkpointer, stream, writer, bad_steps, preemption,
+                           peak, peak_source)
+                return _loop(run, state, start, pending_batch)
+            finally:
+                writer.close()
         finally:
             checkpointer.close()
-    return losses
 
 
-def _loop(config, model_dir, program, checkpointer, stream, state, start, pending_batch,
-          bad_steps, preemption, peak, peak_source, show_progress) -> TrainResult:
+@dataclasses.dataclass
+class _Run:
+    """What the step loop works with besides the state: the program and where results go."""
+
+    config: TrainConfig
+    program: TrainProgram
+    checkpointer: Checkpointer
+    stream: DataStream
+    writer: MetricsWriter
+    bad_steps: BadStepCounter
+    preemption: PreemptionWatcher
+    peak: float
+    peak_source: str
+
+
+def _loop(run: _Run, state: TrainState, start: int, pending_batch) -> TrainResult:
     """Steps from `start` to the end, saving, logging and watching for faults."""
+    config, program, checkpointer, stream = run.config, run.program, run.checkpointer, run.stream
+    writer, bad_steps, preemption, peak = run.writer, run.bad_steps, run.preemption, run.peak
+    peak_source = run.peak_source
     mesh = program.mesh
     t0 = time.perf_counter()
     compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
@@ -212,48 +233,44 @@ def _loop(config, model_dir, program, checkpointer, stream, state, start, pendin
              "per device (%s)", dict(mesh.shape), devices, compile_s, flops_per_token, peak,
              peak_source)
 
-    writer = MetricsWriter(model_dir, config.train_steps, start, show_progress)
     losses: dict[int, float] = {}
     eval_batches = None
     window_start, window_steps = time.perf_counter(), 0
-    try:
-        for step in range(start + 1, config.train_steps + 1):
-            batch = pending_batch if pending_batch is not None else next(stream)
-            pending_batch = None
-            state, metrics = compiled(state, program.device_batch(batch))
-            window_steps += 1
-            writer.advance()
-            skipped = bool(metrics["skipped"])
-            saved = checkpointer.save(step, state, stream, force=step == config.train_steps)
-            preempted = preemption.should_stop(step, checkpointer, jax.process_count() > 1)
-            # Skipped steps are always logged (rare and worth seeing), and so is the
-            # step a preemption stops at.
-            if (skipped or preempted or step % config.log_every == 0
-                    or step == config.train_steps):
-                metrics = jax.device_get(metrics)
-                step_time = (time.perf_counter() - window_start) / window_steps
-                tokens_per_sec = tokens_per_step / step_time
-                scalars = {k: float(v) for k, v in metrics.items()}
-                scalars.update(
-                    skipped_steps=bad_steps.total + skipped,
-                    step_time_s=step_time, tokens_per_sec=tokens_per_sec,
-                    tflops_per_device=flops_per_token * tokens_per_sec / devices / 1e12,
-                    mfu=flops_lib.mfu(flops_per_token, tokens_per_sec, devices, peak),
-                    peak_flops_per_device=peak, peak_source=peak_source)
-                if config.eval_every and step % config.eval_every == 0:
-                    eval_batches = eval_batches or _validation_batches(program, config)
-                    scalars["eval_loss"] = _evaluate(program, state.params, eval_batches)
-                losses[step] = scalars["loss"]
-                writer.write(step, scalars)
-                window_start, window_steps = time.perf_counter(), 0
-            bad_steps.record(step, skipped, checkpointer.latest_step())
-            if preempted:
-                if not saved:
-                    checkpointer.save(step, state, stream, force=True)
-                checkpointer.wait()
-                raise RunHalted(
-                    f"preempted: checkpoint of step {step} saved to {checkpointer.step_path(step)}; "
-                    "rerun the same command to resume", EXIT_PREEMPTED)
-    finally:
-        writer.close()
+    for step in range(start + 1, config.train_steps + 1):
+        batch = pending_batch if pending_batch is not None else next(stream)
+        pending_batch = None
+        state, metrics = compiled(state, program.device_batch(batch))
+        window_steps += 1
+        writer.advance()
+        skipped = bool(metrics["skipped"])
+        saved = checkpointer.save(step, state, stream, force=step == config.train_steps)
+        preempted = preemption.should_stop(step, checkpointer, jax.process_count() > 1)
+        # Skipped steps are always logged (rare and worth seeing), and so is the
+        # step a preemption stops at.
+        if (skipped or preempted or step % config.log_every == 0
+                or step == config.train_steps):
+            metrics = jax.device_get(metrics)
+            step_time = (time.perf_counter() - window_start) / window_steps
+            tokens_per_sec = tokens_per_step / step_time
+            scalars = {k: float(v) for k, v in metrics.items()}
+            scalars.update(
+                skipped_steps=bad_steps.total + skipped,
+                step_time_s=step_time, tokens_per_sec=tokens_per_sec,
+                tflops_per_device=flops_per_token * tokens_per_sec / devices / 1e12,
+                mfu=flops_lib.mfu(flops_per_token, tokens_per_sec, devices, peak),
+                peak_flops_per_device=peak, peak_source=peak_source)
+            if config.eval_every and step % config.eval_every == 0:
+                eval_batches = eval_batches or _validation_batches(program, config)
+                scalars["eval_loss"] = _evaluate(program, state.params, eval_batches)
+            losses[step] = scalars["loss"]
+            writer.write(step, scalars)
+            window_start, window_steps = time.perf_counter(), 0
+        bad_steps.record(step, skipped, checkpointer.latest_step())
+        if preempted:
+            if not saved:
+                checkpointer.save(step, state, stream, force=True)
+            checkpointer.wait()
+            raise RunHalted(
+                f"preempted: checkpoint of step {step} saved to {checkpointer.step_path(step)}; "
+                "rerun the same command to resume", EXIT_PREEMPTED)
     return TrainResult(final_step=config.train_steps, losses=losses, state=state)
