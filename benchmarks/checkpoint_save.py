@@ -6,7 +6,6 @@ Usage: python benchmarks/checkpoint_save.py [--shape gpt3_125m] [--saves 3] [--j
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -19,6 +18,7 @@ from paxlike.checkpointing import Checkpointer
 from paxlike.data import DataStream
 from paxlike.train_program import TrainProgram
 
+from report import emit  # noqa: E402  (same directory)
 from train_throughput import SHAPES, _config  # noqa: E402  (same directory)
 
 
@@ -52,11 +52,7 @@ def main(argv=None) -> None:
     result = {"benchmark": "checkpoint_save", "shape": args.shape, "state_bytes": state_bytes,
               "blocking_s": min(blocking), "total_s": min(total),
               "blocking_fraction": min(blocking) / min(total)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

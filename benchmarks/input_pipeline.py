@@ -9,10 +9,10 @@ deliver far more, so that it never sets the pace.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from paxlike.data import DataConfig, DataStream
+from report import emit  # same directory
 
 
 def main(argv=None) -> None:
@@ -38,11 +38,7 @@ def main(argv=None) -> None:
     result = {"benchmark": "input_pipeline", "mixture": args.mixture, "seq_len": args.seq_len,
               "batch": args.batch, "startup_s": startup_s, "tokens_per_sec": tokens / elapsed,
               "packing_efficiency": nonpad / tokens}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

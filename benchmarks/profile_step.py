@@ -11,7 +11,6 @@ output projection + cross-entropy alone; the differences attribute the step's ti
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
@@ -24,6 +23,7 @@ from paxlike.losses import cross_entropy_with_z_loss
 from paxlike.train_program import TrainProgram
 from paxlike.trainer import TrainConfig
 
+from report import emit  # noqa: E402  (same directory)
 from train_throughput import SHAPES, _random_batch  # noqa: E402  (same directory)
 
 
@@ -91,11 +91,7 @@ def main(argv=None) -> None:
               "batch": args.batch, "overrides": overrides, **timings,
               "vocab_head_fraction_of_step": timings["vocab_head_forward_backward_s"]
               / timings["step_s"]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

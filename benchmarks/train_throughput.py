@@ -2,7 +2,8 @@
 
 Usage:
   python benchmarks/train_throughput.py [--shape gpt3_125m] [--seq_len 256] [--batch 4]
-      [--steps 10] [--dtype float32] [--remat none] [--vs-torch] [--json OUT]
+      [--steps 10] [--dtype float32] [--remat none] [--vs-torch] [--gin.NAME=VALUE ...]
+      [--json OUT]
 
 Each result holds the paxlike step (compiled once, compile time reported apart) on a
 fixed random batch, the model FLOPs from PaLM's formula, MFU against the device table
@@ -14,7 +15,6 @@ and with --vs-torch the same GPT-2-shaped model trained by Hugging Face transfor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +27,7 @@ from flax import linen as nn
 from paxlike import flops, gin_config, sharding
 from paxlike.train_program import TrainProgram
 from paxlike.trainer import TrainConfig
+from report import emit  # same directory
 
 # name -> (model gin file, extra ModelConfig bindings)
 SHAPES = {
@@ -38,12 +39,14 @@ SHAPES = {
 }
 
 
-def _config(shape: str, seq_len: int, batch: int, dtype: str, remat: str) -> TrainConfig:
+def _config(shape: str, seq_len: int, batch: int, dtype: str, remat: str,
+            gin_overrides: dict[str, str] | None = None) -> TrainConfig:
     gin_file, extra = SHAPES[shape]
     overrides = {"MODEL_DIR": "'unused'", "SEQ_LEN": str(seq_len), "BATCH_SIZE": str(batch),
                  "MeshConfig.num_devices": "1", "ModelConfig.dtype": repr(dtype),
                  "ModelConfig.remat_policy": repr(remat),
-                 **{f"ModelConfig.{k}": str(v) for k, v in extra.items()}}
+                 **{f"ModelConfig.{k}": str(v) for k, v in extra.items()},
+                 **(gin_overrides or {})}
     gin_config.parse([gin_file, "runs/pretrain.gin"], overrides)
     return gin_config.build(TrainConfig)
 
@@ -132,15 +135,17 @@ def main(argv=None) -> None:
     parser.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
     parser.add_argument("--vs-torch", dest="vs_torch", action="store_true")
     parser.add_argument("--json", help="also write the result to this file")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    gin_overrides = dict(a[len("--gin."):].split("=", 1) for a in rest if a.startswith("--gin."))
 
-    config = _config(args.shape, args.seq_len, args.batch, args.dtype, args.remat)
+    config = _config(args.shape, args.seq_len, args.batch, args.dtype, args.remat, gin_overrides)
     device = jax.devices()[0]
     matmul_peak = flops.measure_matmul_peak(device, args.dtype, size=2048, seconds=1.0)
     table_peak, table_source = flops.device_peak_flops(device)
     result = {
         "benchmark": "train_throughput", "shape": args.shape, "seq_len": args.seq_len,
         "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
+        "gin_overrides": gin_overrides,
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                  "python": sys.version.split()[0], "jax": jax.__version__},
@@ -156,11 +161,7 @@ def main(argv=None) -> None:
         result["torch"] = torch_result
         result["paxlike_over_torch_tokens_per_sec"] = (
             pax["tokens_per_sec"] / torch_result["tokens_per_sec"])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

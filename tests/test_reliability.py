@@ -3,7 +3,6 @@
 import hashlib
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -32,10 +31,10 @@ def _command(model_dir, *extra, steps=STEPS):
             *extra, "--model_dir", str(model_dir)]
 
 
-def _run(model_dir, *extra, steps=STEPS, **kwargs):
+def _run(model_dir, *extra, steps=STEPS, wrapper=()):
     env = {**os.environ, "PYTHONPATH": FIXTURES}
-    return subprocess.run(_command(model_dir, *extra, steps=steps), capture_output=True,
-                          text=True, env=env, **kwargs)
+    return subprocess.run([*wrapper, *_command(model_dir, *extra, steps=steps)],
+                          capture_output=True, text=True, env=env)
 
 
 def _steps(model_dir):
@@ -151,17 +150,15 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert [r["skipped"] for r in records][-3:] == [1.0, 1.0, 1.0]
 
 
-def _limit_file_size():
-    # A 1 MiB cap on any file this process writes; writes past it fail with EFBIG
-    # (like a full disk) instead of killing the process.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+# A 1 MiB cap on any file the run writes (bash's `ulimit -f` counts KiB); writes past it
+# fail with EFBIG, as on a full disk, instead of killing the process (SIGXFSZ ignored).
+LIMIT_FILE_SIZE = ["bash", "-c", 'ulimit -f 1024; trap "" XFSZ; exec "$@"', "limit"]
 
 
 def test_failed_save_is_reported_and_earlier_checkpoints_survive(reference, tmp_path):
     assert _run(tmp_path, steps=8).returncode == 0
     intact = _snapshot(tmp_path / "checkpoints")
-    full = _run(tmp_path, preexec_fn=_limit_file_size)
+    full = _run(tmp_path, wrapper=LIMIT_FILE_SIZE)
     assert full.returncode == 4, full.stderr[-3000:]
     line = [x for x in full.stderr.splitlines() if x.startswith("paxlike: stopped:")]
     assert len(line) == 1 and "checkpoint write failed" in line[0]
