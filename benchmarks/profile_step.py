@@ -18,13 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from paxlike import gin_config, sharding
+from paxlike import sharding
 from paxlike.losses import cross_entropy_with_z_loss
 from paxlike.train_program import TrainProgram
-from paxlike.trainer import TrainConfig
 
 from report import emit  # noqa: E402  (same directory)
-from train_throughput import SHAPES, _random_batch  # noqa: E402  (same directory)
+from train_throughput import SHAPES, _config, _random_batch  # noqa: E402  (same directory)
 
 
 def _median_time(fn, *args, repeats: int) -> float:
@@ -46,12 +45,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json")
     args, rest = parser.parse_known_args(argv)
     overrides = dict(a[len("--gin."):].split("=", 1) for a in rest if a.startswith("--gin."))
-    gin_file, extra = SHAPES[args.shape]
-    gin_config.parse([gin_file, "runs/pretrain.gin"], {
-        "MODEL_DIR": "'unused'", "SEQ_LEN": str(args.seq_len), "BATCH_SIZE": str(args.batch),
-        "MeshConfig.num_devices": "1", **{f"ModelConfig.{k}": str(v) for k, v in extra.items()},
-        **overrides})
-    config = gin_config.build(TrainConfig)
+    config = _config(args.shape, args.seq_len, args.batch, "float32", "none", overrides)
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.mesh.rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         _parser().print_help()
         raise SystemExit(2)
+    # force: TensorFlow/absl imports may already have given the root logger a handler.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+                        datefmt="%H:%M:%S", force=True)
     logging.getLogger("paxlike").setLevel(logging.INFO)
     # jax warns that it probed for a TPU; on a CPU or GPU machine that is expected.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
