@@ -29,6 +29,49 @@ def alibi_slopes(num_heads: int) -> jnp.ndarray:
     return jnp.asarray(slopes, jnp.float32)
 
 
+def causal_attention(
+    q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray, positions_bt: jnp.ndarray,
+    segment_ids_bt: jnp.ndarray, query_block: int, alibi_slopes_n: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """softmax(q k^T + bias, masked) v with N query heads over K K/V heads, in query blocks.
+
+    Queries are split into blocks of `query_block` (0: one block); block [lo, hi) only
+    meets keys [0, hi), since causality masks the rest. That skips the upper triangle
+    of the score matrix (5/8 of the work at 4 blocks, half in the limit) and keeps each
+    block's scores small enough to stay in cache on a CPU. q is already scaled.
+    """
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    g = n // k
+    dt = q_btnh.dtype
+    mask_bts = attention_mask(segment_ids_bt)
+    # With one query head per K/V head the group axis is dropped: XLA's CPU backend
+    # runs the 4-D form markedly faster than the same contraction with a unit axis.
+    if g == 1:
+        q_btkh, scores, combine = q_btnh, "btkh,bskh->bkts", "bkts,bskh->btkh"
+    else:
+        q_btkh, scores, combine = (q_btnh.reshape(b, t, k, g, h), "btkgh,bskh->bkgts",
+                                   "bkgts,bskh->btkgh")
+    block = query_block or t
+    outs = []
+    for lo in range(0, t, block):
+        hi = min(lo + block, t)
+        logits = jnp.einsum(scores, q_btkh[:, lo:hi], k_bskh[:, :hi]).astype(jnp.float32)
+        # The score tensor is (b, k[, g], t, s): expand per-(b, t, s) terms to match.
+        expand = (slice(None),) + (None,) * (logits.ndim - 3)
+        if alibi_slopes_n is not None:
+            # Bias each score by -slope * distance, measured within the document.
+            distance = (positions_bt[:, lo:hi, None] - positions_bt[:, None, :hi]).astype(
+                jnp.float32)
+            slopes = alibi_slopes_n.reshape((k, g) if g > 1 else (k,))
+            logits = logits - slopes[(None, ...) + (None, None)] * distance[expand]
+        logits = jnp.where(mask_bts[:, lo:hi, :hi][expand], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        outs.append(jnp.einsum(combine, probs, v_bskh[:, :hi]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return out.reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
     """Self-attention: N query heads share K K/V heads in groups of G = N / K."""
 
@@ -57,20 +100,12 @@ class Attention(nn.Module):
             q_btnh = apply_rope(q_btnh, positions_bt, cfg.rope_max_wavelength)
             k_bskh = apply_rope(k_bskh, positions_bt, cfg.rope_max_wavelength)
 
-        b, t = x_btd.shape[:2]
-        q_btkgh = q_btnh.reshape(b, t, k, n // k, h) * jnp.asarray(h**-0.5, dt)
-        logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32)
-        if cfg.position == "alibi":
-            # Bias each score by -slope * distance, measured within the document.
-            distance_bts = (positions_bt[:, :, None] - positions_bt[:, None, :]).astype(jnp.float32)
-            slopes_kg = alibi_slopes(n).reshape(k, n // k)
-            logits_bkgts = logits_bkgts - slopes_kg[None, :, :, None, None] * distance_bts[:, None, None]
-        mask_b11ts = attention_mask(segment_ids_bt)[:, None, None]
-        logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, jnp.finfo(jnp.float32).min)
-        probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dt)
-        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+        slopes_n = alibi_slopes(n) if cfg.position == "alibi" else None
+        out_btnh = causal_attention(q_btnh * jnp.asarray(h**-0.5, dt), k_bskh, v_bskh,
+                                    positions_bt, segment_ids_bt, cfg.attention_query_block,
+                                    slopes_n)
         out_btnh = nn.with_logical_constraint(
-            out_btkgh.reshape(b, t, n, h), ("act_batch", "act_length", "act_heads", "act_head_dim"))
+            out_btnh, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         return DenseGeneral(
             "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), (0, 1), dt, cfg.use_bias,
             name="out",

@@ -62,6 +62,10 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether `save(step, ..., force)` would write a checkpoint."""
+        return force or self._manager.should_save(step)
+
     def save(self, step: int, state: Any, stream: DataStream, force: bool = False) -> bool:
         """Starts saving `state` and `stream`'s position at `step` if the interval (or force) says so."""
         with self._failures(f"saving step {step}"):

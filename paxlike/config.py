@@ -56,6 +56,9 @@ class ModelConfig:
     # Layers per scan iteration. XLA's CPU backend runs a rolled loop well below the speed
     # of straight-line code (see docs/benchmarks.md); unrolling keeps the stacked weights.
     scan_unroll: int = 1
+    # Queries per attention block: each block meets only the keys causality lets it see
+    # (see attention.causal_attention); 0 = the whole sequence in one block.
+    attention_query_block: int = 64
     remat_policy: str = "none"
     dtype: str = "float32"  # compute dtype; parameters are always float32
 
@@ -79,6 +82,9 @@ class ModelConfig:
         if self.block == "parallel" and self.norm_placement != "pre":
             raise UserError("the parallel block is pre-norm only; set norm_placement = 'pre' "
                             "or block = 'serial'")
+        if not isinstance(self.attention_query_block, int) or self.attention_query_block < 0:
+            raise UserError(f"ModelConfig.attention_query_block = {self.attention_query_block!r}; "
+                            "it must be an int >= 0 (0 = no blocking)")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
 

@@ -1,10 +1,12 @@
-"""optax optimisers and learning-rate schedules, chosen by name in gin."""
+"""optax optimisers and learning-rate schedules, chosen by name in gin, and the step that applies them."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import gin
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -84,12 +86,95 @@ def _adafactor(cfg: OptimizerConfig, lr: optax.Schedule) -> optax.GradientTransf
 _OPTIMIZERS = {"adamw": _adamw, "adafactor": _adafactor}
 
 
-def make_optimizer(
-    cfg: OptimizerConfig, train_steps: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The gradient transformation (clipping first) and its learning-rate schedule."""
+# (grads, opt_state, params, grad_norm, apply) -> (params, opt_state). `apply` is a
+# scalar bool: where it is false, params and opt_state come back unchanged.
+ApplyFn = Callable[[Any, Any, Any, jnp.ndarray, jnp.ndarray], tuple[Any, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """An optax transformation (state layout and init), its schedule, and the step applying it."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    apply: ApplyFn
+
+
+def _apply_with_optax(tx: optax.GradientTransformation) -> ApplyFn:
+    """Any optax transformation: updates, then a select that keeps the old values on a skip."""
+
+    def apply(grads, opt_state, params, grad_norm, ok):
+        del grad_norm  # the transformation clips with its own norm
+        updates, new_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_state, opt_state)
+
+    return apply
+
+
+def _apply_adamw_fused(cfg: OptimizerConfig, schedule: optax.Schedule) -> ApplyFn:
+    """AdamW (with optional clipping) as one elementwise expression per parameter.
+
+    The same arithmetic as optax's clip_by_global_norm + adamw + apply_updates, on the
+    same state (so checkpoints are interchangeable), but written so XLA makes a single
+    pass over (param, grad, mu, nu) per array with the skip select folded in. optax's
+    chain, followed by a select, costs four to five such passes on a memory-bound
+    backend (docs/benchmarks.md measures 1.0 s against 0.2 s for a 125M model on CPU).
+    """
+    b1, b2, eps, wd, max_norm = cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.clip_global_norm
+
+    def apply(grads, opt_state, params, grad_norm, ok):
+        if max_norm:
+            clip_state, (adam, decay_state, lr_state) = opt_state
+            unclipped = grad_norm < max_norm
+        else:
+            adam, decay_state, lr_state = opt_state
+        count = optax.safe_increment(adam.count)
+        mu_scale = 1 - b1**count
+        nu_scale = 1 - b2**count
+        step_size = -schedule(lr_state.count)
+
+        def moments(g, mu, nu):
+            if max_norm:
+                g = jax.lax.select(unclipped, g, (g / grad_norm.astype(g.dtype)) * max_norm)
+            mu_new = (1 - b1) * g + b1 * mu
+            nu_new = (1 - b2) * g**2 + b2 * nu
+            return jnp.where(ok, mu_new, mu), jnp.where(ok, nu_new, nu)
+
+        def param(p, mu, nu):
+            update = (mu / mu_scale.astype(mu.dtype)) / (
+                jnp.sqrt(nu / nu_scale.astype(nu.dtype)) + eps)
+            p_new = jnp.asarray(p + (update + wd * p) * step_size).astype(p.dtype)
+            return jnp.where(ok, p_new, p)
+
+        pairs = jax.tree.map(moments, grads, adam.mu, adam.nu)
+        is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+        mu = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
+        nu = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
+        # Without the barrier XLA recomputes the moments inside the parameter update,
+        # which then reads the old moments after their in-place update: it copies both
+        # trees first. With it, each array is read and written once per phase.
+        mu, nu = jax.lax.optimization_barrier((mu, nu))
+        params = jax.tree.map(param, params, mu, nu)
+        adam = adam._replace(count=jnp.where(ok, count, adam.count), mu=mu, nu=nu)
+        lr_state = lr_state._replace(
+            count=jnp.where(ok, optax.safe_increment(lr_state.count), lr_state.count))
+        inner = (adam, decay_state, lr_state)
+        return params, ((clip_state, inner) if max_norm else inner)
+
+    return apply
+
+
+def make_optimizer(cfg: OptimizerConfig, train_steps: int) -> Optimizer:
+    """The gradient transformation (clipping first), its learning-rate schedule and its step."""
     schedule = _SCHEDULES[cfg.schedule](cfg, train_steps)
     tx = _OPTIMIZERS[cfg.name](cfg, schedule)
     if cfg.clip_global_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_global_norm), tx)
-    return tx, schedule
+    fused = _FUSED_STEPS.get(cfg.name)
+    return Optimizer(tx, schedule, fused(cfg, schedule) if fused else _apply_with_optax(tx))
+
+
+# Optimizers whose step is written out elementwise; the others run through optax's update.
+_FUSED_STEPS = {"adamw": _apply_adamw_fused}

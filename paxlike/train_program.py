@@ -54,7 +54,8 @@ class TrainProgram:
         """Traces nothing yet: builds abstract state, shardings and the jitted functions (call under the mesh)."""
         self.config, self.mesh, self.rules = config, mesh, rules
         self.model = Transformer(config.model)
-        self.tx, self.schedule = make_optimizer(config.optimizer, config.train_steps)
+        self.optimizer = make_optimizer(config.optimizer, config.train_steps)
+        self.tx, self.schedule = self.optimizer.tx, self.optimizer.schedule
         b, t = config.data.batch_size, config.data.seq_len
         self.batch_sharding = sharding.batch_sharding(mesh, rules)
         self.abstract_batch = {
@@ -80,6 +81,12 @@ class TrainProgram:
         self.train_step = jax.jit(
             self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, metric_sharding), donate_argnums=(0,))
+        # Finite gradients give finite weights unless the learning rate overflows float32;
+        # the trainer checks before each save (a pass over the weights, so not every step).
+        self.weights_finite = jax.jit(
+            lambda params: jax.tree.reduce(
+                jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), params)),
+            in_shardings=(self.state_shardings.params,), out_shardings=metric_sharding)
         self.eval_step = jax.jit(
             self._eval_step, in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=metric_sharding)
@@ -108,16 +115,11 @@ class TrainProgram:
 
         (total, (ce, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A non-finite loss, gradient or updated weight skips the update: the step
-        # counter (and the data) move on, the weights and optimizer state do not.
-        params_finite = jax.tree.reduce(
-            jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), params))
-        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & params_finite
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        params = jax.tree.map(keep, params, state.params)
-        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        # A non-finite loss or gradient skips the update: the step counter (and the
+        # data) move on, the weights and optimizer state do not.
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        params, opt_state = self.optimizer.apply(grads, state.opt_state, state.params,
+                                                 grad_norm, ok)
         metrics = {"loss": ce, "z_loss": z, "total_loss": total, "grad_norm": grad_norm,
                    "learning_rate": self.schedule(state.step),
                    "skipped": 1 - ok.astype(jnp.int32)}

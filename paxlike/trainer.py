@@ -19,7 +19,8 @@ from paxlike.checkpointing import Checkpointer, param_shapes
 from paxlike.config import ModelConfig
 from paxlike.data import DataConfig, DataStream, vocab_size
 from paxlike.errors import UserError
-from paxlike.faults import BadStepCounter, PreemptionWatcher, RunHalted, EXIT_PREEMPTED
+from paxlike.faults import (EXIT_DIVERGED, EXIT_PREEMPTED, BadStepCounter, PreemptionWatcher,
+                            RunHalted)
 from paxlike.metrics import MetricsWriter
 from paxlike.optimizers import OptimizerConfig
 from paxlike.train_program import TrainProgram, TrainState
@@ -216,6 +217,20 @@ class _Run:
     peak_source: str
 
 
+def _save(run: _Run, step: int, state: TrainState, force: bool) -> bool:
+    """Saves `step` when due (or forced), never weights that are not all finite."""
+    if not run.checkpointer.due(step, force):
+        return False
+    if not bool(run.program.weights_finite(state.params)):
+        last = run.checkpointer.latest_step()
+        raise RunHalted(
+            f"the weights at step {step} are not all finite (an update with finite gradients "
+            f"overflowed: the learning rate is too large); they were not saved. The last good "
+            f"checkpoint is {'step %d' % last if last is not None else 'none yet'}; lower the "
+            "learning rate, then rerun", EXIT_DIVERGED)
+    return run.checkpointer.save(step, state, run.stream, force=force)
+
+
 def _loop(run: _Run, state: TrainState, start: int, pending_batch) -> TrainResult:
     """Steps from `start` to the end, saving, logging and watching for faults."""
     config, program, checkpointer, stream = run.config, run.program, run.checkpointer, run.stream
@@ -243,7 +258,7 @@ def _loop(run: _Run, state: TrainState, start: int, pending_batch) -> TrainResul
         window_steps += 1
         writer.advance()
         skipped = bool(metrics["skipped"])
-        saved = checkpointer.save(step, state, stream, force=step == config.train_steps)
+        saved = _save(run, step, state, force=step == config.train_steps)
         preempted = preemption.should_stop(step, checkpointer, jax.process_count() > 1)
         # Skipped steps are always logged (rare and worth seeing), and so is the
         # step a preemption stops at.
@@ -268,7 +283,7 @@ def _loop(run: _Run, state: TrainState, start: int, pending_batch) -> TrainResul
         bad_steps.record(step, skipped, checkpointer.latest_step())
         if preempted:
             if not saved:
-                checkpointer.save(step, state, stream, force=True)
+                _save(run, step, state, force=True)
             checkpointer.wait()
             raise RunHalted(
                 f"preempted: checkpoint of step {step} saved to {checkpointer.step_path(step)}; "

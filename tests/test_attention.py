@@ -45,18 +45,21 @@ def _reference_mha(x, wq, wk, wv, wo, mask):
     return out
 
 
-def _attention(num_kv_heads, position="none"):
-    cfg = ModelConfig(vocab_size=16, d_model=32, num_heads=4, num_kv_heads=num_kv_heads,
-                      head_dim=8, d_ff=64, position=position)
+def _attention(num_kv_heads, position="none", query_block=0):
+    cfg = ModelConfig.from_fields(vocab_size=16, d_model=32, num_heads=4,
+                                  num_kv_heads=num_kv_heads, head_dim=8, d_ff=64,
+                                  position=position, attention_query_block=query_block)
     return Attention(cfg)
 
 
+# Query blocks of 2 and 4 over 6 tokens: equal blocks, and a short last block.
+@pytest.mark.parametrize("query_block", [0, 2, 4])
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
-def test_attention_equals_reference_multi_head(num_kv_heads):
+def test_attention_equals_reference_multi_head(num_kv_heads, query_block):
     x = jax.random.normal(jax.random.key(0), (2, 6, 32))
     pos = jnp.tile(jnp.arange(6), (2, 1))
     seg = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]])
-    attn = _attention(num_kv_heads)
+    attn = _attention(num_kv_heads, query_block=query_block)
     params = strip_boxes(attn.init(jax.random.key(1), x, pos, seg))["params"]
     got = attn.apply({"params": params}, x, pos, seg)
     want = _reference_mha(x, params["query"]["kernel"], params["key"]["kernel"],
@@ -101,3 +104,16 @@ def test_packed_row_gives_same_logits_as_documents_run_alone():
 
     np.testing.assert_allclose(logits[:3], alone(doc_a), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logits[3:7], alone(doc_b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_query_blocks_change_nothing_with_alibi_and_packing(num_kv_heads):
+    x = jax.random.normal(jax.random.key(3), (2, 7, 32))
+    pos = jnp.array([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]])
+    seg = jnp.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1]])
+    whole = _attention(num_kv_heads, "alibi")
+    params = strip_boxes(whole.init(jax.random.key(4), x, pos, seg))["params"]
+    want = whole.apply({"params": params}, x, pos, seg)
+    for block in (1, 3):
+        got = _attention(num_kv_heads, "alibi", block).apply({"params": params}, x, pos, seg)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -150,6 +150,22 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert [r["skipped"] for r in records][-3:] == [1.0, 1.0, 1.0]
 
 
+def test_weights_that_overflow_are_never_saved(tmp_path):
+    assert _run(tmp_path, "--gin.CHECKPOINT_EVERY=1", steps=4).returncode == 0
+    # An infinite learning rate turns step 5's finite gradients into infinite weights.
+    result = _run(tmp_path, "--gin.LEARNING_RATE=1e39", "--gin.OptimizerConfig.schedule='constant'",
+                  "--gin.CHECKPOINT_EVERY=1", steps=8)
+    assert result.returncode == 3, result.stderr[-3000:]
+    line = [x for x in result.stderr.splitlines() if x.startswith("paxlike: stopped:")]
+    assert len(line) == 1 and "weights at step 5 are not all finite" in line[0], line
+    assert "last good checkpoint is step 4" in line[0]
+    assert _steps(tmp_path)[-1] == 4  # step 5 was refused
+    for step in _steps(tmp_path):
+        for leaf in _flatten(ocp.StandardCheckpointer().restore(
+                os.path.join(tmp_path, "checkpoints", str(step), "state"))["params"]):
+            assert np.isfinite(leaf).all(), f"checkpoint {step} holds a non-finite weight"
+
+
 # A 1 MiB cap on any file the run writes (bash's `ulimit -f` counts KiB); writes past it
 # fail with EFBIG, as on a full disk, instead of killing the process (SIGXFSZ ignored).
 LIMIT_FILE_SIZE = ["bash", "-c", 'ulimit -f 1024; trap "" XFSZ; exec "$@"', "limit"]
