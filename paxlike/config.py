@@ -58,7 +58,7 @@ class ModelConfig:
     scan_unroll: int = 1
     # Queries per attention block: each block meets only the keys causality lets it see
     # (see attention.causal_attention); 0 = the whole sequence in one block.
-    attention_query_block: int = 64
+    attention_query_block: int = 128
     remat_policy: str = "none"
     dtype: str = "float32"  # compute dtype; parameters are always float32
 
