@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -99,11 +102,12 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, stream: DataStream) -> Any:
         """Loads the state at `step` into the shardings of `abstract_state`, and moves `stream` there."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
-                                       DATA: DataStreamRestore(stream)}),
-        )
+        with _quiet_abandoned_reads():
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
+                                           DATA: DataStreamRestore(stream)}),
+            )
         return restored[STATE]
 
     def reached_preemption(self, step: int) -> bool:
@@ -131,3 +135,39 @@ def param_shapes(params) -> dict[str, tuple[int, ...]]:
     """'path/to/param' -> shape for a parameter tree (arrays, abstract values or Orbax metadata)."""
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    """Whether an unraisable error is the echo of a read a failed restore left behind."""
+    loop_closed = (isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    return loop_closed or inspect.iscoroutine(unraisable.object)
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """Keeps a failed restore's sibling reads from burying its one error under tracebacks.
+
+    Orbax reads the arrays concurrently on its own event loop. When one read fails the
+    restore raises at once; the others' failures stay in futures and coroutines nobody
+    awaits (asyncio logs them, Python reports them as unraisable when they are
+    collected), and TensorStore reads still in flight complete into the closed loop.
+    Those echoes can come before the exception surfaces and until the process exits,
+    so the filters go on before the restore and stay on if it fails.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    def unretrieved(record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+    asyncio_log = logging.getLogger("asyncio")
+    sys.unraisablehook = hook
+    asyncio_log.addFilter(unretrieved)
+    yield
+    # Reached only when the restore succeeded: nothing is left in flight.
+    sys.unraisablehook = previous
+    asyncio_log.removeFilter(unretrieved)
