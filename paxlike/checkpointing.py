@@ -8,14 +8,18 @@ import inspect
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from paxlike.data import DataStream
 from paxlike.faults import EXIT_CHECKPOINT_FAILED, RunHalted
+
+if TYPE_CHECKING:
+    # Only a type here: reading model directories (paxlike convert, load_model) needs no
+    # input pipeline, and importing one costs TensorFlow's start-up.
+    from paxlike.data import DataStream
 
 STATE = "state"
 DATA = "data"
