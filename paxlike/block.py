@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -11,6 +12,33 @@ from paxlike.mlp import Mlp
 from paxlike.norms import Norm
 
 _ACT_BTD = ("act_batch", "act_length", "act_embed")
+
+
+@jax.custom_vjp
+def grad_boundary(x_btd: jnp.ndarray) -> jnp.ndarray:
+    """Identity whose cotangent is computed once into its own buffer instead of into each consumer.
+
+    The residual stream's gradient at layer i is the running sum of every later layer's
+    contribution. XLA's CPU compiler counts those adds (and the norms' elementwise
+    backward) as cheap, fuses the whole chain into each consumer and so recomputes it
+    there: work quadratic in depth. It drops optimization barriers before fusion, so
+    the cut is a conditional it cannot fold: a data-dependent predicate choosing between
+    two branches that both return the cotangent unchanged (NaN stays NaN).
+    """
+    return x_btd
+
+
+def _grad_boundary_fwd(x_btd):
+    return x_btd, None
+
+
+def _grad_boundary_bwd(_, g_btd):
+    first = g_btd.reshape(-1)[0]
+    return (jax.lax.cond(first == first, lambda g: g, lambda g: jnp.where(g != g, jnp.nan, g),
+                         g_btd),)
+
+
+grad_boundary.defvjp(_grad_boundary_fwd, _grad_boundary_bwd)
 
 
 class Block(nn.Module):
@@ -23,6 +51,8 @@ class Block(nn.Module):
         self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray
     ) -> tuple[jnp.ndarray, None]:
         cfg = self.config
+        if cfg.layer_grad_boundary == "on":
+            x_btd = grad_boundary(x_btd)
         x_btd = nn.with_logical_constraint(x_btd, _ACT_BTD)
         attention = Attention(cfg, name="attention")
         mlp = Mlp(cfg, name="mlp")

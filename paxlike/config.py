@@ -16,6 +16,7 @@ _CHOICES = {
     "position": ("rope", "alibi", "learned", "none"),
     "norm_placement": ("pre", "post", "sandwich"),
     "remat_policy": ("none", "full", "save_dots"),
+    "layer_grad_boundary": ("auto", "on", "off"),
     "dtype": ("float32", "bfloat16"),
 }
 
@@ -60,6 +61,11 @@ class ModelConfig:
     # (see attention.causal_attention); 0 = the whole sequence in one block.
     attention_query_block: int = 128
     remat_policy: str = "none"
+    # Whether the backward pass computes the residual stream's gradient at each layer's
+    # input into a buffer of its own (block.grad_boundary). 'auto' turns it on for CPU
+    # meshes, where XLA otherwise recomputes the sum of all later layers' gradients
+    # inside every consumer (a quarter of a 12-layer CPU step); see for_platform.
+    layer_grad_boundary: str = "auto"
     dtype: str = "float32"  # compute dtype; parameters are always float32
 
     def __post_init__(self):
@@ -99,6 +105,15 @@ class ModelConfig:
         values = {f.name: f.default for f in dataclasses.fields(cls)}
         values.update(fields)
         return cls(**values)
+
+    def for_platform(self, platform: str) -> "ModelConfig":
+        """This config with the choices left to 'auto' made for devices of `platform`."""
+        if self.layer_grad_boundary != "auto":
+            return self
+        # GPU and TPU fusion keeps the sum in one buffer already, and there the boundary's
+        # conditional would cost a host round trip per layer.
+        return dataclasses.replace(
+            self, layer_grad_boundary="on" if platform == "cpu" else "off")
 
     @property
     def compute_dtype(self) -> jnp.dtype:

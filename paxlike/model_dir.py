@@ -22,7 +22,7 @@ from paxlike.gin_config import resolve_gin_file
 CONFIG_FILE = "config.gin"
 CHECKPOINTS = "checkpoints"
 # Fields a run chooses for itself (layout of the computation, not the function computed).
-RUN_FIELDS = ("scan_layers", "remat_policy", "dtype")
+RUN_FIELDS = ("scan_layers", "remat_policy", "dtype", "layer_grad_boundary")
 
 
 @dataclasses.dataclass(frozen=True)

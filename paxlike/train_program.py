@@ -53,7 +53,8 @@ class TrainProgram:
     def __init__(self, config: "TrainConfig", mesh, rules):
         """Traces nothing yet: builds abstract state, shardings and the jitted functions (call under the mesh)."""
         self.config, self.mesh, self.rules = config, mesh, rules
-        self.model = Transformer(config.model)
+        platform = mesh.devices.flat[0].platform
+        self.model = Transformer(config.model.for_platform(platform))
         self.optimizer = make_optimizer(config.optimizer, config.train_steps)
         self.tx, self.schedule = self.optimizer.tx, self.optimizer.schedule
         b, t = config.data.batch_size, config.data.seq_len
