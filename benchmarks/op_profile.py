@@ -20,17 +20,12 @@ import gzip
 import json
 import re
 import tempfile
-import time
 
 import jax
-import numpy as np
-from flax import linen as nn
-
-from paxlike import sharding
-from paxlike.train_program import TrainProgram
 
 from report import emit  # noqa: E402  (same directory)
-from train_throughput import SHAPES, _config, _random_batch  # noqa: E402  (same directory)
+from train_throughput import (  # noqa: E402  (same directory)
+    _config, _PaxlikeStep, add_shape_arguments, parse_with_gin)
 
 # Trace events that are the runtime's own bookkeeping, not an HLO op.
 _RUNTIME = re.compile(r"^(\$|ThunkExecutor|SlinkyThreadPool|end: |PjitFunction|CommonPjRt|"
@@ -52,38 +47,21 @@ def _top(counter: collections.Counter, n: int, steps: int) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt3_125m")
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=2, help="traced steps (after 2 warm-up)")
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--json")
-    args, rest = parser.parse_known_args(argv)
-    overrides = dict(a[len("--gin."):].split("=", 1) for a in rest if a.startswith("--gin."))
-    config = _config(args.shape, args.seq_len, args.batch, "float32", "none", overrides)
-    mesh = sharding.make_mesh(config.mesh)
-    rules = tuple(config.mesh.rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        program = TrainProgram(config, mesh, rules)
-        step = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
-        state = program.init(jax.random.key(0))
-        batch = program.device_batch(_random_batch(config, np.random.default_rng(0)))
-        for _ in range(2):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        trace_dir = tempfile.mkdtemp(prefix="paxlike_op_profile_")
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            step_s = (time.perf_counter() - t0) / args.steps
+    args, overrides = parse_with_gin(parser, argv)
+    runner = _PaxlikeStep(_config(args.shape, args.seq_len, args.batch, "float32", "none",
+                                  overrides))
+    trace_dir = tempfile.mkdtemp(prefix="paxlike_op_profile_")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        step_s = runner.run(args.steps)
 
     (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    sources = _op_sources(step.as_text())
+    sources = _op_sources(runner.step.as_text())
     by_op, by_kind, by_source = (collections.Counter() for _ in range(3))
     for event in events:
         name = event.get("name", "")

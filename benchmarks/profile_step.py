@@ -23,7 +23,8 @@ from paxlike.losses import cross_entropy_with_z_loss
 from paxlike.train_program import TrainProgram
 
 from report import emit  # noqa: E402  (same directory)
-from train_throughput import SHAPES, _config, _random_batch  # noqa: E402  (same directory)
+from train_throughput import (  # noqa: E402  (same directory)
+    _config, _random_batch, add_shape_arguments, parse_with_gin)
 
 
 def _median_time(fn, *args, repeats: int) -> float:
@@ -38,13 +39,9 @@ def _median_time(fn, *args, repeats: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt3_125m")
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json")
-    args, rest = parser.parse_known_args(argv)
-    overrides = dict(a[len("--gin."):].split("=", 1) for a in rest if a.startswith("--gin."))
+    args, overrides = parse_with_gin(parser, argv)
     config = _config(args.shape, args.seq_len, args.batch, "float32", "none", overrides)
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.mesh.rules)

@@ -41,6 +41,20 @@ SHAPES = {
 }
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """--shape, --seq_len, --batch and --json, shared by the scripts that time a train step."""
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt3_125m")
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--json", help="also write the result to this file")
+
+
+def parse_with_gin(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict]:
+    """The parsed flags, and every --gin.NAME=VALUE as {NAME: VALUE}."""
+    args, rest = parser.parse_known_args(argv)
+    return args, dict(a[len("--gin."):].split("=", 1) for a in rest if a.startswith("--gin."))
+
+
 def _config(shape: str, seq_len: int, batch: int, dtype: str, remat: str,
             gin_overrides: dict[str, str] | None = None) -> TrainConfig:
     gin_file, extra = SHAPES[shape]
@@ -148,9 +162,7 @@ def _interleaved(runners: dict, rounds: int, steps: int) -> dict[str, list[float
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt3_125m")
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per runner per round")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -158,9 +170,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", default="both", choices=["scanned", "unrolled", "both"],
                         help="paxlike's layer stack: nn.scan, Python-unrolled, or both")
     parser.add_argument("--vs-torch", dest="vs_torch", action="store_true")
-    parser.add_argument("--json", help="also write the result to this file")
-    args, rest = parser.parse_known_args(argv)
-    gin_overrides = dict(a[len("--gin."):].split("=", 1) for a in rest if a.startswith("--gin."))
+    args, gin_overrides = parse_with_gin(parser, argv)
 
     device = jax.devices()[0]
     matmul_peak = flops.measure_matmul_peak(device, args.dtype, size=2048, seconds=1.0)
