@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/train_throughput.py [--shape gpt3_125m] [--seq_len 256] [--batch 4]
-      [--rounds 5] [--steps 2] [--layers both] [--dtype float32] [--remat none]
+      [--rounds 5] [--steps 2] [--layers both] [--dtype float32] [--remat save_dots]
       [--vs-torch] [--gin.NAME=VALUE ...] [--json OUT]
 
 Each result holds the paxlike step (compiled once, compile time reported apart) on a
@@ -12,6 +12,10 @@ against a dense matmul measured in the same run, and with --vs-torch the same
 GPT-2-shaped model trained by Hugging Face transformers (eager PyTorch, AdamW) on the
 same machine. The runners take turns, `--steps` steps each per round; step times are
 medians over rounds and each ratio is the median of the per-round ratios.
+
+--remat defaults to save_dots, the faster policy on a CPU: recomputing a layer's
+elementwise work in the backward pass costs less there than writing and reading back its
+wide activations (docs/benchmarks.md); --remat none times the model's default policy.
 """
 
 from __future__ import annotations
@@ -166,7 +170,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per runner per round")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
+    parser.add_argument("--remat", default="save_dots", choices=["none", "full", "save_dots"])
     parser.add_argument("--layers", default="both", choices=["scanned", "unrolled", "both"],
                         help="paxlike's layer stack: nn.scan, Python-unrolled, or both")
     parser.add_argument("--vs-torch", dest="vs_torch", action="store_true")
