@@ -146,6 +146,9 @@ def _params(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     print("by module:")
     for name, count in counts["by_module"].items():
         print(f"  {name:<28}{count:>20,}  {100 * count / counts['total']:6.2f}%")
+    if counts["vocab_padding"]:
+        print(f"not counted: {counts['vocab_padding']:,} parameters in the rows that pad the "
+              "vocabulary (ModelConfig.vocab_pad_multiple)")
 
 
 def _mfu(args: argparse.Namespace, overrides: dict[str, str]) -> None:
@@ -159,7 +162,9 @@ def _mfu(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     if args.tokens_per_sec <= 0 or args.chips <= 0 or (args.seq_len is not None and args.seq_len <= 0):
         raise UserError("--tokens_per_sec, --chips and --seq_len must be positive")
     gin_config.parse(args.gin_file, overrides)
-    cfg = gin_config.build(ModelConfig)
+    # HFU depends on the kernels 'auto' picks on the platform the throughput came from.
+    cfg = gin_config.build(ModelConfig).for_platform(
+        "tpu" if args.hardware.startswith("tpu") else "gpu")
     shapes = abstract_params(cfg)
     seq_len = args.seq_len or cfg.max_seq_len
     peak = flops.PEAK_FLOPS_BY_HARDWARE[args.hardware]

@@ -18,6 +18,7 @@ _CHOICES = {
     "remat_policy": ("none", "full", "save_dots"),
     "layer_grad_boundary": ("auto", "on", "off"),
     "dtype": ("float32", "bfloat16"),
+    "attention_impl": ("auto", "splash", "cudnn", "blockwise", "reference"),
 }
 
 
@@ -60,6 +61,19 @@ class ModelConfig:
     # Queries per attention block: each block meets only the keys causality lets it see
     # (see attention.causal_attention); 0 = the whole sequence in one block.
     attention_query_block: int = 128
+    # How attention is computed. 'auto' resolves per platform (for_platform): the Pallas
+    # splash kernel on TPU, cuDNN's fused attention on GPU, 'blockwise' elsewhere.
+    # 'blockwise' is an XLA online softmax over key blocks of `attention_key_block`
+    # (temporaries grow with T x block, never T x T); 'reference' materialises the
+    # masked scores and is the numerical reference the others are tested against.
+    attention_impl: str = "auto"
+    attention_key_block: int = 512
+    # Sequence positions per chunk of the output projection + cross-entropy: the
+    # (batch, T, vocab) float32 logits never exist at once (0 = one chunk).
+    loss_chunk: int = 512
+    # The embedding table has vocab_size rounded up to a multiple of this (TPU lanes
+    # are 128 wide); padded rows never receive probability mass (see losses.py).
+    vocab_pad_multiple: int = 128
     remat_policy: str = "none"
     # Whether the backward pass computes the residual stream's gradient at each layer's
     # input into a buffer of its own (block.grad_boundary). 'auto' turns it on for CPU
@@ -91,6 +105,13 @@ class ModelConfig:
         if not isinstance(self.attention_query_block, int) or self.attention_query_block < 0:
             raise UserError(f"ModelConfig.attention_query_block = {self.attention_query_block!r}; "
                             "it must be an int >= 0 (0 = no blocking)")
+        for field in ("attention_key_block", "vocab_pad_multiple"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"ModelConfig.{field} = {value!r}; it must be a positive int")
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise UserError(f"ModelConfig.loss_chunk = {self.loss_chunk!r}; it must be an int "
+                            ">= 0 (0 = the whole sequence in one chunk)")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
 
@@ -108,13 +129,22 @@ class ModelConfig:
 
     def for_platform(self, platform: str) -> "ModelConfig":
         """This config with the choices left to 'auto' made for devices of `platform`."""
-        if self.layer_grad_boundary != "auto":
-            return self
-        # The recomputation was measured with XLA's CPU compiler. On a GPU the boundary's
-        # conditional would copy its predicate to the host once per layer, so elsewhere
-        # it stays off until a profile there shows the same duplication.
-        return dataclasses.replace(
-            self, layer_grad_boundary="on" if platform == "cpu" else "off")
+        changes = {}
+        if self.layer_grad_boundary == "auto":
+            # The recomputation was measured with XLA's CPU compiler. On a GPU the boundary's
+            # conditional would copy its predicate to the host once per layer, so elsewhere
+            # it stays off until a profile there shows the same duplication.
+            changes["layer_grad_boundary"] = "on" if platform == "cpu" else "off"
+        if self.attention_impl == "auto":
+            changes["attention_impl"] = {"tpu": "splash", "gpu": "cudnn",
+                                         "cuda": "cudnn"}.get(platform, "blockwise")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table: vocab_size rounded up to vocab_pad_multiple."""
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -9,7 +9,7 @@ from paxlike.config import ModelConfig
 
 
 class Embed(nn.Module):
-    """A (vocab, embed) table: looks tokens up, and as `attend` projects back onto the vocabulary."""
+    """A (vocab, embed) table that looks tokens up; a tied output layer reads `embedding_vd` too."""
 
     config: ModelConfig
     num_embeddings: int
@@ -25,10 +25,6 @@ class Embed(nn.Module):
     def __call__(self, ids_bt: jnp.ndarray) -> jnp.ndarray:
         x_btd = jnp.take(self.embedding_vd, ids_bt, axis=0).astype(self.config.compute_dtype)
         return nn.with_logical_constraint(x_btd, ("act_batch", "act_length", "act_embed"))
-
-    def attend(self, x_btd: jnp.ndarray) -> jnp.ndarray:
-        emb_vd = self.embedding_vd.astype(self.config.compute_dtype)
-        return jnp.einsum("btd,vd->btv", x_btd, emb_vd)
 
 
 def apply_rope(x_btnh: jnp.ndarray, positions_bt: jnp.ndarray, max_wavelength: float) -> jnp.ndarray:

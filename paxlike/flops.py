@@ -30,25 +30,29 @@ PEAK_FLOPS_BY_DEVICE_KIND: tuple[tuple[str, str, float], ...] = (
 PEAK_FLOPS_BY_HARDWARE: dict[str, float] = {name: peak for _, name, peak in PEAK_FLOPS_BY_DEVICE_KIND}
 
 
-def matmul_params(params_shapes) -> int:
-    """Parameters that take part in a matmul per token: every `kernel`, plus a tied embedding table.
+def matmul_params(params_shapes, cfg: ModelConfig | None = None) -> int:
+    """Parameters that take part in a matmul per token: every `kernel` (the caller adds a tied table).
 
     The input embedding lookup is a gather, not a matmul; when the table is shared
     with the output projection it is counted once, for that projection. Norm
-    scales, biases and learned position tables are not matmul weights.
+    scales, biases and learned position tables are not matmul weights. Given `cfg`,
+    an untied output projection counts the real vocabulary, not its padded rows.
     """
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params_shapes)[0]:
         keys = [getattr(k, "key", str(k)) for k in path]
         if keys[-1] == "kernel":
-            total += math.prod(leaf.shape)
+            size = math.prod(leaf.shape)
+            if cfg is not None and keys[0] == "output_proj":
+                size = size // cfg.padded_vocab_size * cfg.vocab_size
+            total += size
     return total
 
 
 def model_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int,
                           include_attention: bool = True) -> float:
     """6N + 12·L·H·Q·T: forward+backward matmul FLOPs plus attention scores and values."""
-    n = matmul_params(params_shapes)
+    n = matmul_params(params_shapes, cfg)
     if cfg.tie_embeddings:
         n += cfg.vocab_size * cfg.d_model
     flops = 6.0 * n
@@ -57,16 +61,38 @@ def model_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int,
     return flops
 
 
-def hardware_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int) -> float:
-    """FLOPs per token the hardware executes: model FLOPs plus the forward pass again under full remat.
+def attention_recomputes_scores(cfg: ModelConfig, seq_len: int) -> bool:
+    """Whether the attention's backward pass recomputes the scores (flash-style kernels with a custom VJP)."""
+    impl = cfg.attention_impl
+    if impl == "blockwise":  # one key block is plain autodiff, which saves the probabilities
+        return seq_len > cfg.attention_key_block
+    return impl in ("splash", "cudnn", "auto")
 
-    With `remat_policy = 'full'` every layer's forward (2N + 4·L·H·Q·T) is recomputed in
-    the backward pass; 'save_dots' keeps the matmul outputs, so only elementwise work
-    (not counted) is redone; 'none' recomputes nothing.
+
+def hardware_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int) -> float:
+    """FLOPs per token the hardware executes: model FLOPs plus what remat and the kernels recompute.
+
+    - remat 'full' recomputes every layer's forward (2N' + 4·L·H·Q·T, N' the layer weights
+      plus the head, as PaLM counts it: a third of the model FLOPs);
+    - remat 'save_dots' keeps the outputs of matmuls without batch dimensions (the
+      projections) but not attention's, whose einsums batch over (batch, heads): their
+      forward, 4·L·H·Q·T, runs again;
+    - a flash-style attention backward recomputes Q·K^T: 2·L·H·Q·T;
+    - the chunked loss (more than one chunk) recomputes the output projection: 2·V·D.
+    `cfg.attention_impl` should be resolved for the platform (ModelConfig.for_platform).
     """
-    flops = model_flops_per_token(cfg, params_shapes, seq_len)
+    model = model_flops_per_token(cfg, params_shapes, seq_len)
+    attention_fwd = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    flops = model
     if cfg.remat_policy == "full":
-        flops += model_flops_per_token(cfg, params_shapes, seq_len) / 3.0
+        flops += model / 3.0
+    elif cfg.remat_policy == "save_dots":
+        flops += attention_fwd
+    if attention_recomputes_scores(cfg, seq_len):
+        flops += attention_fwd / 2.0
+    chunk = cfg.loss_chunk or seq_len
+    if seq_len > chunk:
+        flops += 2.0 * cfg.vocab_size * cfg.d_model
     return flops
 
 
@@ -93,11 +119,21 @@ def measure_matmul_peak(device: jax.Device, dtype: str = "float32", size: int = 
 
 
 def peak_flops_per_device(device: jax.Device, dtype: str) -> tuple[float, str]:
-    """The table's peak for `device`, or a measured matmul peak with the source saying so."""
+    """The table's peak for `device`, or a measured matmul peak with the source saying so.
+
+    The table gives bf16 dense peaks. Simulated CPU devices
+    (--xla_force_host_platform_device_count) share one host's cores, so each gets its
+    share of the host's measured peak, and N devices together never exceed the host.
+    """
     peak, source = device_peak_flops(device)
     if peak is not None:
-        return peak, source
-    return measure_matmul_peak(device, dtype), f"measured:{dtype} matmul on {device.platform}"
+        return peak, f"{source} (bf16 dense)"
+    measured = measure_matmul_peak(device, dtype)
+    if device.platform == "cpu":
+        shared = sum(1 for d in jax.local_devices() if d.platform == "cpu")
+        return measured / shared, (f"measured:{dtype} matmul on cpu, host peak / {shared} "
+                                   "devices sharing it")
+    return measured, f"measured:{dtype} matmul on {device.platform}"
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak_per_device: float) -> float:

@@ -24,6 +24,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Fields that do not change the function a model computes; a conversion need not carry them.
 _NOT_IN_FORWARD = {"embed_init_std", "z_loss_weight", *model_dir_lib.RUN_FIELDS}
 _MISSING = object()
+# Parameters with a vocabulary axis (padded to ModelConfig.padded_vocab_size in paxlike).
+_VOCAB_AXES = {"token_embed/embedding": 0, "output_proj/kernel": 1}
 
 
 # --- config.json <-> ModelConfig -------------------------------------------------------------
@@ -196,6 +198,11 @@ def params_from_hf(family: Family, cfg: ModelConfig, tensors: dict[str, np.ndarr
         for j, path in enumerate(rule.params):
             layers = [pieces[j] for pieces in per_layer]
             params[path] = np.stack(layers) if "{i}" in rule.name else layers[0]
+    for path, axis in _VOCAB_AXES.items():  # zero rows up to the padded table size
+        if path in params:
+            pad = [(0, 0)] * params[path].ndim
+            pad[axis] = (0, cfg.padded_vocab_size - cfg.vocab_size)
+            params[path] = np.pad(params[path], pad)
     unmapped = sorted(set(abstract) - set(params))
     if unmapped:
         raise UserError(f"the {family.name} mapping has no tensor for parameter(s) {unmapped}")
@@ -210,6 +217,10 @@ def params_from_hf(family: Family, cfg: ModelConfig, tensors: dict[str, np.ndarr
 def params_to_hf(family: Family, cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Flat paxlike parameters -> HF tensors, named as `save_pretrained` names them."""
     _, rules = _applicable(family, cfg)
+    params = dict(params)
+    for path, axis in _VOCAB_AXES.items():  # Hugging Face tables have the real vocabulary only
+        if path in params:
+            params[path] = np.take(params[path], np.arange(cfg.vocab_size), axis=axis)
     tensors = {}
     for rule in rules:
         sizes = _axis_sizes(cfg, len(rule.params))

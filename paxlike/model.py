@@ -17,17 +17,44 @@ REMAT_POLICIES = {
 }
 
 
+def head_weights(cfg: ModelConfig, params) -> jnp.ndarray:
+    """The output projection's weights as stored: the tied (V', D) table or the untied (D, V') kernel."""
+    if cfg.tie_embeddings:
+        return params["token_embed"]["embedding"]
+    return params["output_proj"]["kernel"]
+
+
+def project_logits(cfg: ModelConfig, x_btd: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """Final hidden states -> logits over the padded vocabulary V', in the compute dtype.
+
+    The one definition of the output layer, used by the model's forward pass and by
+    the chunked loss (losses.py), which applies it a slice of positions at a time.
+    """
+    dt = cfg.compute_dtype
+    spec = "btd,vd->btv" if cfg.tie_embeddings else "btd,dv->btv"
+    logits_btv = jnp.einsum(spec, x_btd.astype(dt), w.astype(dt))
+    if cfg.logits_rsqrt_d_model:
+        logits_btv = logits_btv * jnp.asarray(cfg.d_model**-0.5, dt)
+    return logits_btv
+
+
 class Transformer(nn.Module):
-    """tokens (B, T) -> logits (B, T, V) in float32."""
+    """tokens (B, T) -> logits (B, T, V) in float32, or the final hidden states (B, T, D)."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(
-        self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray
+        self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
+        return_hidden: bool = False,
     ) -> jnp.ndarray:
+        """Logits over the real vocabulary; with `return_hidden`, the normed states the head reads.
+
+        Training asks for the hidden states and applies the head inside the chunked loss,
+        so the (B, T, V) logits are never materialised.
+        """
         cfg = self.config
-        embed = Embed(cfg, cfg.vocab_size, cfg.embed_init_std, name="token_embed")
+        embed = Embed(cfg, cfg.padded_vocab_size, cfg.embed_init_std, name="token_embed")
         x_btd = embed(tokens_bt)
         if cfg.position == "learned":
             table = Embed(cfg, cfg.max_seq_len + cfg.position_offset, cfg.embed_init_std,
@@ -58,17 +85,27 @@ class Transformer(nn.Module):
 
         if cfg.final_norm:
             x_btd = Norm(cfg, name="final_norm")(x_btd)
-        if cfg.tie_embeddings:
-            logits_btv = embed.attend(x_btd)
-        else:
-            logits_btv = nn.DenseGeneral(
-                cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-                    ("embed", "vocab")),
-                name="output_proj",
-            )(x_btd)
-        if cfg.logits_rsqrt_d_model:
-            logits_btv = logits_btv * jnp.asarray(cfg.d_model**-0.5, logits_btv.dtype)
+        # The untied head is a bare (D, V') kernel at the path nn.DenseGeneral gave it, so
+        # checkpoints and the Hugging Face tables keep their names.
+        w = embed.embedding_vd if cfg.tie_embeddings else OutputProjection(cfg, name="output_proj")()
+        if return_hidden:
+            return x_btd
+        logits_btv = project_logits(cfg, x_btd, w)[..., : cfg.vocab_size]
         logits_btv = nn.with_logical_constraint(logits_btv, ("act_batch", "act_length", "act_vocab"))
         return logits_btv.astype(jnp.float32)
+
+
+class OutputProjection(nn.Module):
+    """Holds the untied output projection's (D, V') kernel; project_logits applies it."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self) -> jnp.ndarray:
+        cfg = self.config
+        return self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                ("embed", "vocab")),
+            (cfg.d_model, cfg.padded_vocab_size))

@@ -22,7 +22,8 @@ from paxlike.gin_config import resolve_gin_file
 CONFIG_FILE = "config.gin"
 CHECKPOINTS = "checkpoints"
 # Fields a run chooses for itself (layout of the computation, not the function computed).
-RUN_FIELDS = ("scan_layers", "remat_policy", "dtype", "layer_grad_boundary")
+RUN_FIELDS = ("scan_layers", "remat_policy", "dtype", "layer_grad_boundary", "attention_impl",
+              "attention_key_block", "attention_query_block", "loss_chunk", "scan_unroll")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,8 @@ from paxlike.sharding import strip_boxes
 
 # Top-level modules whose parameters are vocabulary or position tables.
 EMBEDDING_MODULES = ("token_embed", "position_embed", "output_proj")
+# Those with a vocabulary axis, padded to ModelConfig.padded_vocab_size.
+VOCAB_MODULES = ("token_embed", "output_proj")
 
 
 def abstract_params(cfg: ModelConfig):
@@ -24,19 +26,24 @@ def abstract_params(cfg: ModelConfig):
 
 
 def count_params(cfg: ModelConfig) -> dict:
-    """{"total", "embedding", "non_embedding", "by_module": {path: count}} for `cfg`.
+    """{"total", "embedding", "non_embedding", "vocab_padding", "by_module": {path: count}} for `cfg`.
 
     "embedding" is the token table, a learned position table and an untied output
-    projection; a tied table is counted once.
+    projection; a tied table is counted once. Counts are of the real vocabulary: the
+    rows the table is padded with (ModelConfig.vocab_pad_multiple) are reported apart.
     """
     by_module: dict[str, int] = defaultdict(int)
-    embedding = 0
+    embedding = padding = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
         keys = [str(getattr(k, "key", k)) for k in path]
         size = math.prod(leaf.shape)
+        if keys[0] in VOCAB_MODULES:
+            real = size // cfg.padded_vocab_size * cfg.vocab_size
+            padding += size - real
+            size = real
         by_module["/".join(keys[:2] if keys[0] == "layers" else keys[:1])] += size
         if keys[0] in EMBEDDING_MODULES:
             embedding += size
     total = sum(by_module.values())
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
-            "by_module": dict(sorted(by_module.items()))}
+            "vocab_padding": padding, "by_module": dict(sorted(by_module.items()))}

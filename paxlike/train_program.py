@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 from paxlike import sharding
 from paxlike.data import FEATURES
-from paxlike.losses import cross_entropy_with_z_loss
-from paxlike.model import Transformer
+from paxlike.errors import UserError
+from paxlike.losses import lm_head_loss
+from paxlike.model import Transformer, head_weights
 from paxlike.optimizers import make_optimizer
 
 if TYPE_CHECKING:
@@ -47,6 +49,20 @@ def _opt_state_shardings(abstract_opt_state, param_shardings, abstract_params, m
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
+def _check_vocab_shards(cfg, mesh, rules) -> None:
+    """Refuses a padded vocabulary that the mesh axes holding the `vocab` dimension do not divide."""
+    axes = nn.logical_to_mesh_axes(("vocab",), rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if cfg.padded_vocab_size % shards:
+        fix = np.lcm(cfg.vocab_pad_multiple, shards)
+        raise UserError(
+            f"the vocabulary table has {cfg.padded_vocab_size} rows (vocab_size {cfg.vocab_size} "
+            f"padded to a multiple of {cfg.vocab_pad_multiple}), which the {shards}-way "
+            f"{'x'.join(axes)} mesh axis does not divide; set "
+            f"--gin.ModelConfig.vocab_pad_multiple={fix}")
+
+
 class TrainProgram:
     """The model, optimizer and their jitted, sharded init / train / eval functions."""
 
@@ -54,7 +70,9 @@ class TrainProgram:
         """Traces nothing yet: builds abstract state, shardings and the jitted functions (call under the mesh)."""
         self.config, self.mesh, self.rules = config, mesh, rules
         platform = mesh.devices.flat[0].platform
-        self.model = Transformer(config.model.for_platform(platform))
+        self.model_config = config.model.for_platform(platform)
+        _check_vocab_shards(self.model_config, mesh, rules)
+        self.model = Transformer(self.model_config)
         self.optimizer = make_optimizer(config.optimizer, config.train_steps)
         self.tx, self.schedule = self.optimizer.tx, self.optimizer.schedule
         b, t = config.data.batch_size, config.data.seq_len
@@ -102,12 +120,12 @@ class TrainProgram:
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
     def _loss_terms(self, params, batch):
-        logits = self.model.apply(
+        # The model stops at the final norm; the loss applies the output layer in chunks.
+        x_btd = self.model.apply(
             {"params": params}, batch["decoder_input_tokens"], batch["decoder_positions"],
-            batch["decoder_segment_ids"])
-        return cross_entropy_with_z_loss(
-            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-            self.config.model.z_loss_weight)
+            batch["decoder_segment_ids"], return_hidden=True)
+        return lm_head_loss(self.model_config, x_btd, head_weights(self.model_config, params),
+                            batch["decoder_target_tokens"], batch["decoder_loss_weights"])
 
     def _train_step(self, state: TrainState, batch):
         def loss_fn(params):

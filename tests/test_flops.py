@@ -33,8 +33,31 @@ def test_palm_540b_published_mfu_is_reproduced():
 
 def test_full_remat_hardware_flops_add_one_forward():
     result = _mfu("--gin_file", "models/palm_8b.gin", "--tokens_per_sec", "1000", "--chips", "1",
-                  "--hardware", "tpu_v4", "--gin.ModelConfig.remat_policy='full'")
+                  "--hardware", "tpu_v4", "--gin.ModelConfig.remat_policy='full'",
+                  "--gin.ModelConfig.attention_impl='reference'", "--gin.ModelConfig.loss_chunk=0")
     assert result["hfu"] == pytest.approx(result["mfu"] * 4 / 3, rel=1e-12)
+
+
+# PaLM 8B: 32 layers, 16 heads of 256, d_model 4096, 256k vocabulary; T = 2048.
+_ATTN_FWD_8B = 4 * 32 * 16 * 256 * 2048
+
+
+@pytest.mark.parametrize("remat,impl,chunk,extra", [
+    ("none", "reference", 0, 0),
+    # save_dots keeps the projections but not attention's batched einsums: their forward again.
+    ("save_dots", "reference", 0, _ATTN_FWD_8B),
+    # The splash kernel's backward recomputes Q.K^T: half of attention's forward.
+    ("none", "auto", 0, _ATTN_FWD_8B // 2),
+    ("save_dots", "auto", 0, _ATTN_FWD_8B * 3 // 2),
+    # The chunked loss recomputes the output projection, 2 x vocab x d_model per token.
+    ("none", "reference", 512, 2 * 256_000 * 4096),
+])
+def test_hardware_flops_count_what_is_recomputed(remat, impl, chunk, extra):
+    result = _mfu("--gin_file", "models/palm_8b.gin", "--tokens_per_sec", "1000", "--chips", "1",
+                  "--hardware", "tpu_v4", f"--gin.ModelConfig.remat_policy='{remat}'",
+                  f"--gin.ModelConfig.attention_impl='{impl}'", f"--gin.ModelConfig.loss_chunk={chunk}",
+                  "--seq_len", "2048")
+    assert result["hardware_flops_per_token"] - result["flops_per_token"] == extra
 
 
 def _xla_over_analytic(family, **overrides):
