@@ -22,6 +22,7 @@ from paxlike.errors import UserError
 from paxlike.faults import (EXIT_DIVERGED, EXIT_PREEMPTED, BadStepCounter, PreemptionWatcher,
                             RunHalted)
 from paxlike.metrics import MetricsWriter
+from paxlike.model_dir import latest_step
 from paxlike.optimizers import OptimizerConfig
 from paxlike.train_program import TrainProgram, TrainState
 
@@ -178,7 +179,16 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
     _check_model_dir(model_dir)
     bad_steps = BadStepCounter(config.max_bad_steps)
     stream = DataStream(config.data, "train", jax.process_index(), jax.process_count())
-    pending_batch = _first_batch(stream, config.data)
+    if latest_step(model_dir) is None:
+        pending_batch = _first_batch(stream, config.data)
+    else:
+        # Resuming: the checkpoint's position is restored into a stream that has never been
+        # read. Reading one first would start tf.data's background threads, and a restore
+        # racing them could land elsewhere than the saved position. The empty-source check
+        # reads from a stream of its own.
+        _first_batch(DataStream(config.data, "train", jax.process_index(), jax.process_count()),
+                     config.data)
+        pending_batch = None
     # Measured (where the device has no table entry) outside the mesh context, on one device.
     peak, peak_source = flops_lib.peak_flops_per_device(jax.local_devices()[0], config.model.dtype)
 
@@ -188,8 +198,8 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
                                     config.checkpoint_every, config.keep_checkpoints)
         try:
             state, start = _restore_or_init(program, checkpointer, stream, config)
-            if start:
-                pending_batch = None  # the restored stream is already past it
+            if not start and pending_batch is None:  # no checkpoint after all (none committed)
+                pending_batch = _first_batch(stream, config.data)
             _write_config(model_dir, config)
             writer = MetricsWriter(model_dir, config.train_steps, start, show_progress)
             try:
