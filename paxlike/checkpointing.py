@@ -26,13 +26,17 @@ DATA = "data"
 
 
 class DataStreamHandler(ocp.CheckpointHandler):
-    """Saves each process's input-stream position in its own subdirectory (synchronously, at save time)."""
+    """Saves the input position, one subdirectory per data shard (synchronously, at save time).
+
+    The stream is a DataStream or a Prefetcher over one (which adds the batches it has
+    read ahead); every process writes the shards it owns and reads those it needs.
+    """
 
     def save(self, directory: epath.Path, args: "DataStreamSave") -> None:
-        args.stream.save(os.fspath(directory / f"process_{jax.process_index()}"))
+        args.stream.save(os.fspath(directory))
 
     def restore(self, directory: epath.Path, args: "DataStreamRestore") -> None:
-        args.stream.restore(os.fspath(directory / f"process_{jax.process_index()}"))
+        args.stream.restore(os.fspath(directory))
 
 
 @ocp.args.register_with_handler(DataStreamHandler, for_save=True)

@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     from paxlike.hf_convert import add_convert_command
 
     add_convert_command(commands)
+    for command in commands.choices.values():
+        if not any("--verbose" in a.option_strings for a in command._actions):
+            command.add_argument("--verbose", action="store_true",
+                                 help="also show TensorFlow, absl, XLA and libtpu start-up logs")
     return parser
 
 
@@ -210,7 +214,11 @@ def _convert(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `paxlike` console script."""
+    """Entry point of the `paxlike` console script (argv None: a process of its own)."""
+    if argv is None and "--verbose" not in sys.argv[1:]:
+        from paxlike.console import quiet_native_logs
+
+        quiet_native_logs()  # before TensorFlow or a JAX backend starts
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = _split_gin_overrides(argv)
     args = _parser().parse_args(argv)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import os
+from typing import Sequence
 
 import gin
 import numpy as np
@@ -35,12 +38,17 @@ class DataConfig:
     # one shard per process.
     num_shards: int | None = None
     tasks_module: str = "paxlike.tasks"  # imported to register Tasks and Mixtures
+    # Batches read and placed on the devices ahead of the step that uses them, in a
+    # background thread (0: read each batch when its step starts).
+    prefetch: int = 2
 
     def __post_init__(self):
         for field in ("seq_len", "batch_size"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{field.upper()} = {value!r}; it must be a positive integer")
+        if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or self.prefetch < 0:
+            raise UserError(f"DataConfig.prefetch = {self.prefetch!r}; it must be an int >= 0")
 
 
 def get_provider(config: DataConfig) -> seqio.DatasetProviderBase:
@@ -77,52 +85,147 @@ def _shard_dataset(config: DataConfig, split: str, shard: int, num_shards: int,
     return ds.batch(config.batch_size // num_shards, drop_remainder=True)
 
 
+def contiguous_shards(num_shards: int, process_index: int, process_count: int) -> range:
+    """The data shards of one process when processes split the batch rows in contiguous blocks."""
+    if num_shards % process_count:
+        raise UserError(
+            f"DataConfig.num_shards = {num_shards} is not a multiple of the {process_count} "
+            "processes; use a multiple of the process count")
+    per_process = num_shards // process_count
+    return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+def shards_by_process(batch_sharding, batch_size: int, seq_len: int,
+                      num_shards: int) -> dict[int, range]:
+    """Process index -> the data shards whose rows its devices hold under `batch_sharding`.
+
+    Shard s supplies global rows [s * B/S, (s + 1) * B/S). A process reads every shard
+    its devices need, so processes that share rows (a `tensor` or `fsdp` axis spanning
+    them) read the same shards and so the same data.
+    """
+    if batch_size % num_shards:
+        raise UserError(f"BATCH_SIZE = {batch_size} is not divisible by the {num_shards} data "
+                        f"shards; use a multiple of {num_shards}")
+    rows_per_shard = batch_size // num_shards
+    spans: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+    for device, index in batch_sharding.devices_indices_map((batch_size, seq_len)).items():
+        rows = index[0]
+        spans[device.process_index].append((rows.start or 0, batch_size if rows.stop is None
+                                            else rows.stop))
+    out = {}
+    for process, ranges in spans.items():
+        lo, hi = min(a for a, _ in ranges), max(b for _, b in ranges)
+        covered = sorted(set(ranges))
+        contiguous = all(b >= c for (_, b), (c, _) in zip(covered, covered[1:]))
+        if not contiguous or lo % rows_per_shard or hi % rows_per_shard:
+            raise UserError(
+                f"process {process} holds batch rows {covered}, which are not whole data shards "
+                f"of {rows_per_shard} rows; set DataConfig.num_shards to a multiple of the "
+                "number of row blocks the processes hold")
+        out[process] = range(lo // rows_per_shard, hi // rows_per_shard)
+    return out
+
+
 class DataStream:
     """This process's rows of each global batch, as numpy arrays; its position can be saved and restored.
 
-    Shards are assigned to processes in contiguous blocks, matching the contiguous
-    block of global rows that `jax.make_array_from_process_local_data` expects.
+    The process reads the data shards `shards` (by default a contiguous block, matching
+    the contiguous rows `jax.make_array_from_process_local_data` expects). The position
+    is saved per shard, so a run can resume on another number of processes that read
+    the same shards; batches already read but not yet trained on (a prefetch queue's)
+    are saved with it and come first after a restore.
     """
 
     def __init__(self, config: DataConfig, split: str, process_index: int, process_count: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, shards: Sequence[int] | None = None,
+                 writes: Sequence[int] | None = None):
         get_provider(config)
         num_shards = config.num_shards or process_count
-        if num_shards % process_count:
-            raise UserError(
-                f"DataConfig.num_shards = {num_shards} is not a multiple of the "
-                f"{process_count} processes; use a multiple of the process count")
+        if shards is None:
+            shards = contiguous_shards(num_shards, process_index, process_count)
         if config.batch_size % num_shards:
             raise UserError(
                 f"BATCH_SIZE = {config.batch_size} is not divisible by the {num_shards} data "
                 f"shards; use a multiple of {num_shards}")
-        per_process = num_shards // process_count
-        shards = range(process_index * per_process, (process_index + 1) * per_process)
+        self.shards = tuple(shards)
+        # The shards whose position this process writes (each shard by one process).
+        self.writes = tuple(self.shards if writes is None else writes)
+        self._rows = config.batch_size // num_shards
+        self._num_shards = num_shards
+        self._process_index = process_index
+        # Per shard: rows already read from its iterator that the stream must yield again.
+        self._replay: list[collections.deque] = [collections.deque() for _ in self.shards]
         try:
             with tf.device("/cpu:0"):
                 self._iterators = [
-                    iter(_shard_dataset(config, split, s, num_shards, shuffle)) for s in shards]
+                    iter(_shard_dataset(config, split, s, num_shards, shuffle)) for s in self.shards]
         except (ValueError, tf.errors.NotFoundError) as e:
             # seqio raises these when a split or file pattern has nothing behind it.
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
                 f"cannot read the {split!r} split of {config.mixture_or_task_name!r}: "
                 f"{first_line}; check the Task's file patterns and split names") from None
-        self._checkpoint = tf.train.Checkpoint(
-            **{f"shard_{s}": it for s, it in zip(shards, self._iterators)})
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self._iterators]
-        return {k: np.concatenate([p[k].numpy() for p in parts], axis=0) for k in FEATURES}
+        parts = [replay.popleft() if replay else {k: v.numpy() for k, v in next(it).items()}
+                 for replay, it in zip(self._replay, self._iterators)]
+        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in FEATURES}
 
-    def save(self, directory: str) -> None:
-        """Writes the iterators' positions under `directory`."""
-        os.makedirs(directory, exist_ok=True)
-        self._checkpoint.write(os.path.join(directory, "iterators"))
+    def _split(self, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """A batch of this process's rows -> each shard's rows."""
+        return [{k: batch[k][j * self._rows:(j + 1) * self._rows] for k in FEATURES}
+                for j in range(len(self.shards))]
+
+    def push_back(self, batch: dict[str, np.ndarray]) -> None:
+        """Returns a batch to the front of the stream: the next `next` yields it again."""
+        for replay, part in zip(self._replay, self._split(batch)):
+            replay.appendleft(part)
+
+    def save(self, directory: str, unconsumed: Sequence[dict[str, np.ndarray]] = ()) -> None:
+        """Writes each of this process's shards' position under `directory`/shard_<s>.
+
+        `unconsumed` are batches already taken from this stream but not trained on; they
+        are saved with the position, and so are batches pushed back.
+        """
+        unconsumed_parts = [self._split(b) for b in unconsumed]
+        for j, (shard, iterator) in enumerate(zip(self.shards, self._iterators)):
+            if shard not in self.writes:
+                continue
+            pending = [parts[j] for parts in unconsumed_parts] + list(self._replay[j])
+            path = os.path.join(directory, f"shard_{shard}")
+            os.makedirs(path, exist_ok=True)
+            tf.train.Checkpoint(iterator=iterator).write(os.path.join(path, "iterator"))
+            with open(os.path.join(path, "shards.json"), "w") as f:
+                json.dump({"num_shards": self._num_shards, "rows": self._rows}, f)
+            np.savez(os.path.join(path, "pending.npz"), count=np.asarray(len(pending)),
+                     **{k: np.stack([b[k] for b in pending]) if pending
+                        else np.zeros((0,), np.int32) for k in FEATURES})
 
     def restore(self, directory: str) -> None:
-        """Moves the iterators to the positions saved under `directory`."""
-        self._checkpoint.read(os.path.join(directory, "iterators")).assert_consumed()
+        """Moves the shards to the positions saved under `directory` (by any process count)."""
+        legacy = os.path.join(directory, f"process_{self._process_index}")
+        if not os.path.isdir(os.path.join(directory, f"shard_{self.shards[0]}")) and os.path.isdir(legacy):
+            # Written before positions were kept per shard: same process count only.
+            tf.train.Checkpoint(**{f"shard_{s}": it for s, it in zip(self.shards, self._iterators)}
+                                ).read(os.path.join(legacy, "iterators")).assert_consumed()
+            return
+        for j, (shard, iterator) in enumerate(zip(self.shards, self._iterators)):
+            path = os.path.join(directory, f"shard_{shard}")
+            if not os.path.isdir(path):
+                raise UserError(f"{directory} holds no input position for data shard {shard}; "
+                                "resume with the DataConfig.num_shards the run was saved with")
+            with open(os.path.join(path, "shards.json")) as f:
+                saved_as = json.load(f)
+            if saved_as != {"num_shards": self._num_shards, "rows": self._rows}:
+                raise UserError(
+                    f"the input position in {directory} was saved with DataConfig.num_shards = "
+                    f"{saved_as['num_shards']} ({saved_as['rows']} rows each); resume with that "
+                    f"num_shards and BATCH_SIZE, not {self._num_shards} shards of {self._rows}")
+            tf.train.Checkpoint(iterator=iterator).read(
+                os.path.join(path, "iterator")).assert_consumed()
+            with np.load(os.path.join(path, "pending.npz")) as saved:
+                self._replay[j] = collections.deque(
+                    {k: saved[k][i] for k in FEATURES} for i in range(int(saved["count"])))

@@ -22,10 +22,13 @@ class RunHalted(Exception):
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM (the usual preemption notice) into a flag the train loop polls between steps.
+    """Turns SIGTERM (the usual preemption notice) into a decision the train loop polls between steps.
 
-    Across processes the decision comes from Orbax's preemption sync point, so every
-    process saves the same step; a lone process uses its own flag.
+    A lone process installs its own SIGTERM handler and stops at the next step. In a
+    multi-process job JAX's distributed runtime already handles SIGTERM (its preemption
+    notifier tells the coordination service, which tells every process), so no Python
+    handler replaces it; the decision comes from Orbax's preemption sync point, where
+    all processes agree on the same step to save.
     """
 
     def __init__(self):
@@ -33,7 +36,9 @@ class PreemptionWatcher:
         self._previous = None
 
     def __enter__(self) -> "PreemptionWatcher":
-        if threading.current_thread() is threading.main_thread():
+        import jax
+
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._flag.set())
         return self
 

@@ -11,7 +11,7 @@ import time
 from typing import Any, Sequence
 
 from paxlike import gin_config
-from paxlike.collectives import KINDS, collective_stats
+from paxlike.collectives import KINDS
 from paxlike.errors import UserError
 
 # A model file alone does not bind a run; this run file supplies data, optimizer and mesh.
@@ -127,8 +127,8 @@ def _analyse(row: dict[str, Any], gin_files, overrides, target, steps: int) -> N
     import jax
     from flax import linen as nn
 
+    from paxlike import collectives, sharding, step_estimate
     from paxlike import flops as flops_lib
-    from paxlike import sharding
     from paxlike.train_program import TrainProgram
     from paxlike.trainer import TrainConfig, _check
 
@@ -139,8 +139,12 @@ def _analyse(row: dict[str, Any], gin_files, overrides, target, steps: int) -> N
     _check(config, mesh)
     row["mesh"] = {k: v for k, v in mesh.shape.items() if v > 1} or {"data": 1}
     row["batch_size"], row["seq_len"] = config.data.batch_size, config.data.seq_len
-    # Measured (on CPU) outside the mesh context, on one device, once per dtype.
-    peak = _peak_flops(target.devices[0], config.model.dtype) if target.runnable and steps else None
+    device = target.devices[0]
+    generation = step_estimate.generation_of(device)
+    # The table's peak for TPUs (described or attached); otherwise measured (on CPU) outside
+    # the mesh context, on one device, once per dtype.
+    peak = (flops_lib.device_peak_flops(device) if generation
+            else _peak_flops(device, config.model.dtype) if target.runnable else (None, "unknown"))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         program = TrainProgram(config, mesh, rules)  # abstract: nothing is allocated yet
         shardings = program.state_shardings
@@ -160,13 +164,33 @@ def _analyse(row: dict[str, Any], gin_files, overrides, target, steps: int) -> N
         row["memory_source"] = "compiler: memory_analysis()"
         limit = target.memory_per_device
         row["fits"] = None if limit is None else row["peak_bytes_per_device"] <= limit
-        row["collectives"] = collective_stats(compiled.as_text())
+        # Replica ids index mesh.devices.flat (the jit's device assignment).
+        slices = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
+        try:
+            stats = collectives.program_stats(compiled.as_text(), slices)
+        except (AttributeError, IndexError, KeyError, ValueError) as e:  # HLO text we cannot read
+            raise RuntimeError(f"cannot read the compiled program's HLO: {e!r}") from None
+        row["collectives"] = stats["collectives"]
+        row["loop_trip_counts"] = [loop["trips"] for loop in stats["loops"]]
+        unknown = sum(loop["source"] == "unknown" for loop in stats["loops"])
+        if unknown:  # counted once each: the per-step figures are then too low
+            row["warning"] = f"{unknown} loop(s) with a trip count not found in the HLO"
+        # Per device, one step: XLA's cost_analysis() counts a loop body once, so the
+        # program's own dot/convolution FLOPs (every iteration counted) are the figure.
+        row["flops"] = stats["flops"]
+        row["flops_source"] = "HLO walk: dot + convolution FLOPs, loop bodies x trip count"
+        # Custom kernels (e.g. Pallas splash attention on TPU) hide their FLOPs from the walk.
+        row["opaque_kernel_calls"] = stats["opaque_kernel_calls"]
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        row["flops"] = float(cost.get("flops", 0.0)) if cost else None  # per device, one step
+        row["flops_cost_analysis"] = float(cost.get("flops", 0.0)) if cost else None
         flops_per_token = flops_lib.model_flops_per_token(
             config.model, program.abstract_params, config.data.seq_len)
         row["model_flops_per_step"] = flops_per_token * config.data.batch_size * config.data.seq_len
+        if peak[0]:
+            row.update(step_estimate.estimate(row["flops"], row["collectives"],
+                                              row["model_flops_per_step"], mesh.devices.size,
+                                              *peak, generation))
         if target.runnable and steps:
             row.update(_time_steps(program, compiled, config, mesh, steps, flops_per_token, peak))
 
@@ -212,13 +236,27 @@ def _bytes(n: float | None) -> str:
     return f"{int(n)} B"
 
 
+def _short(n: float) -> str:
+    """Compact binary-prefixed bytes for the collectives cells: 13.1G, 640M, 200K."""
+    for scale, unit in ((1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{int(n)}"
+
+
+def _range(low: float | None, high: float | None, fmt: str) -> str:
+    """'low..high' in `fmt`, or '-' when either is missing."""
+    return "-" if low is None or high is None else f"{fmt.format(low)}..{fmt.format(high)}"
+
+
 def format_table(rows: list[dict[str, Any]], target) -> str:
     """A fixed-width text table, one line per layout; errors in place of the numbers."""
     short = {"all-reduce": "all-reduce", "all-gather": "all-gather", "reduce-scatter": "red-scatter",
              "all-to-all": "all-to-all", "collective-permute": "permute"}
     head = ["layout", "mesh", "params/dev", "opt/dev", "temp/dev", "peak/dev", "fits",
-            *(short[k] + " n/bytes" for k in KINDS), "GFLOP/dev", "step s", "tok/s", "MFU"]
-    lines: list[tuple[list[str], str]] = []  # (cells, error)
+            *(short[k] + " n/res/wire" for k in KINDS), "wire ICI/DCN", "GFLOP/dev",
+            "est. step s", "est. MFU", "step s", "tok/s", "MFU"]
+    lines: list[tuple[list[str], str]] = []  # (cells, notes)
     for r in rows:
         if "mesh" not in r:
             lines.append(([r["layout"]], r.get("error", "")))
@@ -229,27 +267,41 @@ def format_table(rows: list[dict[str, Any]], target) -> str:
                  _bytes(r.get("opt_state_bytes_per_device")), _bytes(r.get("temp_bytes_per_device")),
                  _bytes(r.get("peak_bytes_per_device")),
                  {True: "yes", False: "NO", None: "?"}[r.get("fits")]]
-        cells += [f"{coll[k]['count']} / {_bytes(coll[k]['bytes'])}" if k in coll else "-"
-                  for k in KINDS]
+        cells += [f"{coll[k]['count']} / {_short(coll[k]['bytes'])} / "
+                  f"{_short(coll[k].get('wire_bytes', 0))}" if k in coll else "-" for k in KINDS]
+        wire = [r.get(k) for k in ("estimate_ici_wire_bytes", "estimate_dcn_wire_bytes")]
+        cells.append("-" if None in wire else f"{_short(wire[0])} / {_short(wire[1])}")
         cells.append(f"{r['flops'] / 1e9:.4g}" if r.get("flops") is not None else "-")
+        cells.append(_range(r.get("estimate_step_s_low"), r.get("estimate_step_s_high"), "{:.3g}"))
+        mfu = [r.get(k) for k in ("estimate_mfu_low", "estimate_mfu_high")]
+        cells.append(_range(*(None if m is None else 100 * m for m in mfu), "{:.1f}") + "%"
+                     if None not in mfu else "-")
         cells.append(f"{r['step_time_s']:.3g}" if "step_time_s" in r else "-")
         cells.append(f"{r['tokens_per_sec']:.4g}" if "tokens_per_sec" in r else "-")
         cells.append(f"{100 * r['mfu']:.2f}%" if "mfu" in r else "-")
-        lines.append((cells, r.get("error", "")))
+        notes = "; ".join(f"{k}: {r[k]}" for k in ("error", "warning") if r.get(k))
+        lines.append((cells, notes))
     widths = [max([len(head[i])] + [len(c[i]) for c, _ in lines if i < len(c)])
               for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [f"target: {target.name}, device memory {_bytes(target.memory_per_device)} "
            f"({target.memory_source}); params/opt exact from shard shapes, temp/peak from the "
-           "compiler; collectives: ops per step / bytes of their results per device",
+           "compiler; collectives per step: ops / bytes of their results / bytes each device "
+           "sends (ring algorithms); GFLOP/dev: the program's dot+convolution FLOPs, every loop "
+           "iteration; est.: ESTIMATE from FLOPs/peak and wire bytes/bandwidth, full overlap.."
+           "no overlap (docs/layouts.md)",
            fmt(head), fmt(["-" * w for w in widths])]
-    for cells, error in lines:
+    kernels = max((r.get("opaque_kernel_calls") or 0 for r in rows), default=0)
+    if kernels:
+        out.insert(1, f"GFLOP/dev leaves out the work inside custom kernels ({kernels} calls a step, "
+                      "e.g. Pallas attention), whose FLOPs the compiled program does not show")
+    for cells, notes in lines:
         if len(cells) == 1:
-            out.append(f"{cells[0].ljust(widths[0])}  error: {error}")
+            out.append(f"{cells[0].ljust(widths[0])}  error: {notes}")
             continue
         out.append(fmt(cells))
-        if error:  # got as far as the state's size, then failed (e.g. the compiler ran out of memory)
-            out.append(f"{''.ljust(widths[0])}  error: {error}")
+        if notes:  # got as far as the state's size, then failed (e.g. the compiler ran out of memory)
+            out.append(f"{''.ljust(widths[0])}  {notes}")
     return "\n".join(out)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import Mapping
 
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
+
+from paxlike.console import stderr_is_terminal
 
 log = logging.getLogger("paxlike")
 
@@ -25,7 +26,7 @@ class MetricsWriter:
         self._tb = (SummaryWriter(os.path.join(model_dir, "tensorboard"), flush_secs=30)
                     if self._primary else None)
         if show_progress is None:
-            show_progress = sys.stderr.isatty()
+            show_progress = stderr_is_terminal()
         show_progress = show_progress and self._primary
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                               disable=not show_progress, dynamic_ncols=True)

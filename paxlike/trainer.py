@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,13 +18,14 @@ from paxlike import flops as flops_lib
 from paxlike import sharding
 from paxlike.checkpointing import Checkpointer, param_shapes
 from paxlike.config import ModelConfig
-from paxlike.data import DataConfig, DataStream, vocab_size
+from paxlike.data import DataConfig, DataStream, shards_by_process, vocab_size
 from paxlike.errors import UserError
 from paxlike.faults import (EXIT_DIVERGED, EXIT_PREEMPTED, BadStepCounter, PreemptionWatcher,
                             RunHalted)
 from paxlike.metrics import MetricsWriter
 from paxlike.model_dir import latest_step
 from paxlike.optimizers import OptimizerConfig
+from paxlike.prefetch import Prefetcher
 from paxlike.train_program import TrainProgram, TrainState
 
 log = logging.getLogger("paxlike")
@@ -47,12 +49,20 @@ class TrainConfig:
     seed: int = 0  # parameter initialisation
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops
     init_from: str | None = None  # a model directory whose parameters start a fresh run
+    # (first, last): trace these steps with jax.profiler into MODEL_DIR/tensorboard.
+    profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self):
         for field in ("train_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{field.upper()} = {value!r}; it must be a positive integer")
+        if self.profile_steps is not None:
+            steps = self.profile_steps
+            if (not isinstance(steps, (tuple, list)) or len(steps) != 2 or not all(isinstance(x, int) for x in steps)
+                    or not 1 <= steps[0] <= steps[1]):
+                raise UserError(f"PROFILE_STEPS = {self.profile_steps!r}; give (first, last) "
+                                "steps with 1 <= first <= last, e.g. (5, 7)")
 
 
 @dataclasses.dataclass
@@ -84,8 +94,7 @@ def _check(config: TrainConfig, mesh) -> None:
 
 def _validation_batches(program: TrainProgram, config: TrainConfig) -> list[dict[str, jax.Array]]:
     """The first EVAL_STEPS batches of the validation split, read once and reused at every eval."""
-    stream = DataStream(config.data, "validation", jax.process_index(), jax.process_count(),
-                        shuffle=False)
+    stream = _data_stream(config, program.mesh, program.rules, "validation", shuffle=False)
     return [program.device_batch(next(stream)) for _ in range(config.eval_steps)]
 
 
@@ -167,6 +176,21 @@ def _write_config(model_dir: str, config: TrainConfig) -> None:
             f.write(gin.operative_config_str() or f"# {config!r}\n")
 
 
+def _data_stream(config: TrainConfig, mesh, rules, split: str, shuffle: bool = True) -> DataStream:
+    """This process's input stream: the data shards whose batch rows its devices hold."""
+    batch = sharding.batch_sharding(mesh, rules)
+    num_shards = config.data.num_shards or jax.process_count()
+    by_process = shards_by_process(batch, config.data.batch_size, config.data.seq_len, num_shards)
+    owner: dict[int, int] = {}
+    for process in sorted(by_process):
+        for shard in by_process[process]:
+            owner.setdefault(shard, process)
+    me = jax.process_index()
+    mine = by_process[me]
+    return DataStream(config.data, split, me, jax.process_count(), shuffle=shuffle, shards=mine,
+                      writes=[s for s in mine if owner[s] == me])
+
+
 def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None) -> TrainResult:
     """Trains (or resumes) the run in `model_dir` to `config.train_steps`; returns its logged losses.
 
@@ -178,17 +202,15 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
     _check(config, mesh)
     _check_model_dir(model_dir)
     bad_steps = BadStepCounter(config.max_bad_steps)
-    stream = DataStream(config.data, "train", jax.process_index(), jax.process_count())
+    stream = _data_stream(config, mesh, rules, "train")
     if latest_step(model_dir) is None:
-        pending_batch = _first_batch(stream, config.data)
+        stream.push_back(_first_batch(stream, config.data))
     else:
         # Resuming: the checkpoint's position is restored into a stream that has never been
         # read. Reading one first would start tf.data's background threads, and a restore
         # racing them could land elsewhere than the saved position. The empty-source check
         # reads from a stream of its own.
-        _first_batch(DataStream(config.data, "train", jax.process_index(), jax.process_count()),
-                     config.data)
-        pending_batch = None
+        _first_batch(_data_stream(config, mesh, rules, "train"), config.data)
     # Measured (where the device has no table entry) outside the mesh context, on one device.
     peak, peak_source = flops_lib.peak_flops_per_device(jax.local_devices()[0], config.model.dtype)
 
@@ -198,15 +220,15 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
                                     config.checkpoint_every, config.keep_checkpoints)
         try:
             state, start = _restore_or_init(program, checkpointer, stream, config)
-            if not start and pending_batch is None:  # no checkpoint after all (none committed)
-                pending_batch = _first_batch(stream, config.data)
             _write_config(model_dir, config)
             writer = MetricsWriter(model_dir, config.train_steps, start, show_progress)
+            batches = Prefetcher(stream, config.data.prefetch, program.device_batch)
             try:
-                run = _Run(config, program, checkpointer, stream, writer, bad_steps, preemption,
-                           peak, peak_source)
-                return _loop(run, state, start, pending_batch)
+                run = _Run(config, program, checkpointer, batches, writer, bad_steps, preemption,
+                           peak, peak_source, model_dir)
+                return _loop(run, state, start)
             finally:
+                batches.close()
                 writer.close()
         finally:
             checkpointer.close()
@@ -219,12 +241,13 @@ class _Run:
     config: TrainConfig
     program: TrainProgram
     checkpointer: Checkpointer
-    stream: DataStream
+    batches: Prefetcher
     writer: MetricsWriter
     bad_steps: BadStepCounter
     preemption: PreemptionWatcher
     peak: float
     peak_source: str
+    model_dir: str
 
 
 def _save(run: _Run, step: int, state: TrainState, force: bool) -> bool:
@@ -238,64 +261,146 @@ def _save(run: _Run, step: int, state: TrainState, force: bool) -> bool:
             f"overflowed: the learning rate is too large); they were not saved. The last good "
             f"checkpoint is {'step %d' % last if last is not None else 'none yet'}; lower the "
             "learning rate, then rerun", EXIT_DIVERGED)
-    return run.checkpointer.save(step, state, run.stream, force=force)
+    return run.checkpointer.save(step, state, run.batches, force=force)
 
 
-def _loop(run: _Run, state: TrainState, start: int, pending_batch) -> TrainResult:
-    """Steps from `start` to the end, saving, logging and watching for faults."""
-    config, program, checkpointer, stream = run.config, run.program, run.checkpointer, run.stream
-    writer, bad_steps, preemption, peak = run.writer, run.bad_steps, run.preemption, run.peak
-    peak_source = run.peak_source
+class _Window:
+    """Wall time of one log window, split into where it went (goodput)."""
+
+    PARTS = ("input_wait_s", "checkpoint_s", "compile_s", "eval_s")
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    @contextlib.contextmanager
+    def timing(self, part: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
+
+    def close(self) -> dict[str, float]:
+        """The window's step time (compile and eval left out, as one-off costs) and its goodput record."""
+        wall = time.perf_counter() - self.start
+        lost = sum(self.seconds.values())
+        one_off = self.seconds["compile_s"] + self.seconds["eval_s"]
+        return {"step_time_s": (wall - one_off) / max(self.steps, 1), "window_s": wall,
+                **self.seconds, "step_s": wall - lost, "goodput": (wall - lost) / wall}
+
+
+@dataclasses.dataclass
+class _Dispatched:
+    """A step whose results are still on the devices."""
+
+    step: int
+    metrics: dict
+    eval_loss: float | None = None
+
+
+def _loop(run: _Run, state: TrainState, start: int) -> TrainResult:
+    """Steps from `start` to the end, saving, logging and watching for faults.
+
+    Nothing waits for the devices on an ordinary step: each step's metrics are read
+    after the next step has been dispatched (one step late), so the devices always
+    have work queued, and the input arrives from the prefetch thread.
+    """
+    config, program, checkpointer = run.config, run.program, run.checkpointer
+    window = _Window()
+    with window.timing("compile_s"):
+        compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
     mesh = program.mesh
-    t0 = time.perf_counter()
-    compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
-    compile_s = time.perf_counter() - t0
     devices = mesh.devices.size
     flops_per_token = flops_lib.model_flops_per_token(
         config.model, program.abstract_params, config.data.seq_len)
-    tokens_per_step = config.data.batch_size * config.data.seq_len
     log.info("mesh %s, %d devices, compile %.1fs, %.4g model FLOPs/token, peak %.4g FLOP/s "
-             "per device (%s)", dict(mesh.shape), devices, compile_s, flops_per_token, peak,
-             peak_source)
-
+             "per device (%s)", dict(mesh.shape), devices, window.seconds["compile_s"],
+             flops_per_token, run.peak, run.peak_source)
+    profile = _Profile(config.profile_steps, run.model_dir)
     losses: dict[int, float] = {}
     eval_batches = None
-    window_start, window_steps = time.perf_counter(), 0
-    for step in range(start + 1, config.train_steps + 1):
-        batch = pending_batch if pending_batch is not None else next(stream)
-        pending_batch = None
-        state, metrics = compiled(state, program.device_batch(batch))
-        window_steps += 1
-        writer.advance()
-        skipped = bool(metrics["skipped"])
-        saved = _save(run, step, state, force=step == config.train_steps)
-        preempted = preemption.should_stop(step, checkpointer, jax.process_count() > 1)
-        # Skipped steps are always logged (rare and worth seeing), and so is the
-        # step a preemption stops at.
-        if (skipped or preempted or step % config.log_every == 0
-                or step == config.train_steps):
-            metrics = jax.device_get(metrics)
-            step_time = (time.perf_counter() - window_start) / window_steps
-            tokens_per_sec = tokens_per_step / step_time
-            scalars = {k: float(v) for k, v in metrics.items()}
+    previous: _Dispatched | None = None
+
+    def finish(done: _Dispatched) -> None:
+        """Reads a dispatched step's results: the skip rule, and its record at log steps."""
+        nonlocal window
+        skipped = bool(done.metrics["skipped"])
+        # Skipped steps are always logged (rare and worth seeing), and so is the last.
+        if (skipped or done.step % config.log_every == 0 or done.step == config.train_steps
+                or done.step == stop_step):
+            scalars = {k: float(v) for k, v in jax.device_get(done.metrics).items()}
+            scalars.update(window.close())
+            tokens_per_sec = config.data.batch_size * config.data.seq_len / scalars["step_time_s"]
             scalars.update(
-                skipped_steps=bad_steps.total + skipped,
-                step_time_s=step_time, tokens_per_sec=tokens_per_sec,
+                skipped_steps=run.bad_steps.total + skipped, tokens_per_sec=tokens_per_sec,
                 tflops_per_device=flops_per_token * tokens_per_sec / devices / 1e12,
-                mfu=flops_lib.mfu(flops_per_token, tokens_per_sec, devices, peak),
-                peak_flops_per_device=peak, peak_source=peak_source)
-            if config.eval_every and step % config.eval_every == 0:
+                mfu=flops_lib.mfu(flops_per_token, tokens_per_sec, devices, run.peak),
+                peak_flops_per_device=run.peak, peak_source=run.peak_source)
+            if done.eval_loss is not None:
+                scalars["eval_loss"] = done.eval_loss
+            losses[done.step] = scalars["loss"]
+            run.writer.write(done.step, scalars)
+            window = _Window()
+        run.bad_steps.record(done.step, skipped, checkpointer.latest_step())
+
+    stop_step = None
+    for step in range(start + 1, config.train_steps + 1):
+        with window.timing("input_wait_s"):
+            _, batch = next(run.batches)
+        profile.before(step)
+        state, metrics = compiled(state, batch)
+        current = _Dispatched(step, metrics)
+        window.steps += 1
+        run.writer.advance()
+        if config.eval_every and step % config.eval_every == 0:
+            with window.timing("eval_s"):
                 eval_batches = eval_batches or _validation_batches(program, config)
-                scalars["eval_loss"] = _evaluate(program, state.params, eval_batches)
-            losses[step] = scalars["loss"]
-            writer.write(step, scalars)
-            window_start, window_steps = time.perf_counter(), 0
-        bad_steps.record(step, skipped, checkpointer.latest_step())
-        if preempted:
-            if not saved:
-                _save(run, step, state, force=True)
-            checkpointer.wait()
+                current.eval_loss = _evaluate(program, state.params, eval_batches)
+        if previous is not None:
+            finish(previous)  # the previous step is done or nearly: this one is queued behind it
+        profile.after(step, state)
+        with window.timing("checkpoint_s"):
+            saved = _save(run, step, state, force=step == config.train_steps)
+        if run.preemption.should_stop(step, checkpointer, jax.process_count() > 1):
+            stop_step = step
+            with window.timing("checkpoint_s"):
+                if not saved:
+                    _save(run, step, state, force=True)
+                checkpointer.wait()
+            finish(current)
             raise RunHalted(
                 f"preempted: checkpoint of step {step} saved to {checkpointer.step_path(step)}; "
                 "rerun the same command to resume", EXIT_PREEMPTED)
+        previous = current
+    if previous is not None:
+        finish(previous)
+    profile.close()
     return TrainResult(final_step=config.train_steps, losses=losses, state=state)
+
+
+class _Profile:
+    """A jax.profiler trace of steps [first, last] into MODEL_DIR/tensorboard (TensorBoard's profile tab)."""
+
+    def __init__(self, steps, model_dir: str):
+        self.first, self.last = (steps if steps else (None, None))
+        self.directory = os.path.join(model_dir, "tensorboard")
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step == self.last:
+            jax.block_until_ready(state)  # the trace must hold the last step's device work
+            self.close()
+            log.info("profile of steps %d-%d written under %s", self.first, self.last,
+                     self.directory)
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

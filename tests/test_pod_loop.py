@@ -1,0 +1,114 @@
+"""The loop on a pod: input overlapped with compute, goodput attributed, read-ahead batches kept in checkpoints."""
+
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from conftest import read_metrics, tiny_config
+from paxlike.data import FEATURES, DataStream
+from paxlike.errors import UserError
+from paxlike.prefetch import Prefetcher
+from paxlike.trainer import TrainConfig, train
+
+
+def _batches_equal(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in FEATURES)
+
+
+def test_checkpointed_position_is_the_next_unconsumed_batch():
+    config = tiny_config()
+    reference = DataStream(config.data, "train", 0, 1)
+    want = [next(reference) for _ in range(8)]
+
+    stream = DataStream(config.data, "train", 0, 1)
+    batches = Prefetcher(stream, 3, lambda host: host)
+    consumed = [next(batches)[0] for _ in range(3)]
+    deadline = time.time() + 30  # let the reader run ahead and fill its queue
+    while batches._queue.qsize() < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    with tempfile.TemporaryDirectory() as directory:
+        batches.save(directory)
+        batches.close()
+        assert all(_batches_equal(g, w) for g, w in zip(consumed, want[:3]))
+        resumed = DataStream(config.data, "train", 0, 1)
+        resumed.restore(directory)
+        # The read-ahead batches come back first, then the stream continues after them.
+        assert all(_batches_equal(next(resumed), w) for w in want[3:8])
+
+
+def test_a_run_resumes_from_a_position_saved_by_another_process_count():
+    config = tiny_config(**{"DataConfig.num_shards": "4"})
+    reference = DataStream(config.data, "train", 0, 1)
+    want = [next(reference) for _ in range(4)]
+    with tempfile.TemporaryDirectory() as directory:
+        # Two processes, two shards each, save after two batches ...
+        for process in (0, 1):
+            half = DataStream(config.data, "train", process, 2)
+            for _ in range(2):
+                next(half)
+            half.save(directory)
+        # ... and one process reading all four shards continues where they stopped.
+        whole = DataStream(config.data, "train", 0, 1)
+        whole.restore(directory)
+        assert all(_batches_equal(next(whole), w) for w in want[2:])
+        # A position saved for 4 shards is refused by a stream of 2, naming the fix.
+        other = DataStream(tiny_config(**{"DataConfig.num_shards": "2"}).data, "train", 0, 1)
+        with pytest.raises(UserError, match="num_shards"):
+            other.restore(directory)
+
+
+def _step_times(tmp_path, name, delay):
+    """Median step time (after the first, compiling window) of a run whose input sleeps `delay` a batch."""
+    original = DataStream.__next__
+
+    def slow_next(self):
+        time.sleep(delay)
+        return original(self)
+
+    DataStream.__next__ = slow_next
+    try:
+        # Large enough a batch that a step takes a few tenths of a second on a CPU.
+        config = tiny_config(TRAIN_STEPS=16, LOG_EVERY=4, CHECKPOINT_EVERY=100, BATCH_SIZE=32,
+                             SEQ_LEN=128)
+        train(config, str(tmp_path / name), show_progress=False)
+    finally:
+        DataStream.__next__ = original
+    records = read_metrics(str(tmp_path / name))[1:]
+    return statistics.median(r["step_time_s"] for r in records), records
+
+
+def test_input_overlaps_the_step_and_goodput_says_where_time_went(tmp_path):
+    compute, _ = _step_times(tmp_path, "fast", 0.0)
+    # Input as slow as the step: in series each step would cost compute + input.
+    balanced, records = _step_times(tmp_path, "balanced", compute)
+    assert balanced < 0.8 * (2 * compute), (compute, balanced)
+    # Input twice as slow as the step: the step time is the input's, and the record
+    # attributes what the loop spent waiting for it (about the difference, per step).
+    slow = 2 * compute
+    bound, bound_records = _step_times(tmp_path, "input_bound", slow)
+    assert 0.8 * slow < bound < 0.8 * (compute + slow), (compute, bound)
+    waited = statistics.median(r["input_wait_s"] / 4 for r in bound_records)
+    assert waited > 0.25 * slow, (compute, waited)
+    for r in records + bound_records:
+        parts = r["input_wait_s"] + r["checkpoint_s"] + r["compile_s"] + r["eval_s"] + r["step_s"]
+        assert parts == pytest.approx(r["window_s"], rel=1e-6)
+        assert r["goodput"] == pytest.approx(r["step_s"] / r["window_s"], rel=1e-6)
+
+
+def test_profile_steps_write_a_trace_for_tensorboard(tmp_path):
+    config = tiny_config(TRAIN_STEPS=4, PROFILE_STEPS="(2, 3)", CHECKPOINT_EVERY=100)
+    train(config, str(tmp_path), show_progress=False)
+    runs = os.path.join(tmp_path, "tensorboard", "plugins", "profile")
+    traces = [f for run in os.listdir(runs) for f in os.listdir(os.path.join(runs, run))]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
+
+
+@pytest.mark.parametrize("steps", ["(0, 3)", "(4, 2)", "3"])
+def test_bad_profile_steps_are_refused(steps):
+    with pytest.raises(UserError, match="PROFILE_STEPS"):
+        tiny_config(PROFILE_STEPS=steps)
+    assert TrainConfig  # the refusal comes from TrainConfig's own check
