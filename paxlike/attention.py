@@ -1,4 +1,4 @@
-"""Causal, packing-aware dot-product attention with multi-query / grouped / multi-head K/V."""
+"""Causal, packing-aware attention with multi-query / grouped / multi-head K/V; kernel choice."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from paxlike import attention_kernels as kernels
+from paxlike.attention_blockwise import blockwise_attention
 from paxlike.config import ModelConfig
 from paxlike.dense import DenseGeneral
 from paxlike.embeddings import apply_rope
@@ -72,6 +74,39 @@ def causal_attention(
     return out.reshape(b, t, n, h)
 
 
+def attend(
+    impl: str, q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
+    positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray, query_block: int, key_block: int,
+    alibi_slopes_n: jnp.ndarray | None = None, interpret: bool = False,
+) -> jnp.ndarray:
+    """Attention by `impl` (ModelConfig.attention_impl); kernels that cannot apply fall back."""
+    # `interpret` runs the splash kernel in Pallas's interpreter: how CPU tests check it.
+    args = (q_btnh, k_bskh, v_bskh, positions_bt, segment_ids_bt)
+    alibi = alibi_slopes_n is not None
+    if impl == "auto":
+        impl = {"tpu": "splash", "gpu": "cudnn"}.get(kernels.trace_platform(), "blockwise")
+    if impl == "splash":
+        reason = kernels.splash_unsupported(q_btnh, k_bskh, key_block, alibi, interpret)
+        if reason is None:
+            return kernels.splash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, key_block,
+                                            interpret)
+        kernels.warn_once(f"attention: {reason}; using 'blockwise' instead")
+    elif impl == "cudnn":
+        reason = kernels.cudnn_unsupported(q_btnh, alibi)
+        if reason is None:
+            return kernels.cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt)
+        kernels.warn_once(f"attention: {reason}; using 'blockwise' instead")
+    elif impl == "reference":
+        return causal_attention(*args, query_block, alibi_slopes_n)
+    elif impl != "blockwise":
+        raise ValueError(f"unknown attention implementation {impl!r}")
+    # When each query block meets a single key block there is nothing to stream: the
+    # dense blocks are exact, have no loop, and were the fastest on CPU at T <= 512.
+    if q_btnh.shape[1] <= key_block:
+        return causal_attention(*args, query_block, alibi_slopes_n)
+    return blockwise_attention(*args, query_block, key_block, alibi_slopes_n)
+
+
 class Attention(nn.Module):
     """Self-attention: N query heads share K K/V heads in groups of G = N / K."""
 
@@ -88,7 +123,7 @@ class Attention(nn.Module):
         def proj(name, heads, head_axis):
             return DenseGeneral(
                 "btd,dnh->btnh", (d, heads, h), ("embed", head_axis, "head_dim"), (0,), dt,
-                cfg.use_bias, name=name,
+                cfg.use_bias, cfg.parameter_dtype, name=name,
             )(x_btd)
 
         q_btnh = proj("query", n, "heads")
@@ -101,12 +136,15 @@ class Attention(nn.Module):
             k_bskh = apply_rope(k_bskh, positions_bt, cfg.rope_max_wavelength)
 
         slopes_n = alibi_slopes(n) if cfg.position == "alibi" else None
-        out_btnh = causal_attention(q_btnh * jnp.asarray(h**-0.5, dt), k_bskh, v_bskh,
-                                    positions_bt, segment_ids_bt, cfg.attention_query_block,
-                                    slopes_n)
+        # Initialisation only needs shapes (its batch may be a single row that no mesh
+        # axis divides): the kernels are left to the real step.
+        impl = "blockwise" if self.is_initializing() else cfg.attention_impl
+        out_btnh = attend(impl, q_btnh * jnp.asarray(h**-0.5, dt), k_bskh, v_bskh,
+                          positions_bt, segment_ids_bt, cfg.attention_query_block,
+                          cfg.attention_key_block, slopes_n)
         out_btnh = nn.with_logical_constraint(
             out_btnh, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         return DenseGeneral(
             "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), (0, 1), dt, cfg.use_bias,
-            name="out",
+            cfg.parameter_dtype, name="out",
         )(out_btnh)

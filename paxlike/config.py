@@ -15,9 +15,10 @@ _CHOICES = {
     "mlp_activation": ("swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu"),
     "position": ("rope", "alibi", "learned", "none"),
     "norm_placement": ("pre", "post", "sandwich"),
-    "remat_policy": ("none", "full", "save_dots"),
+    "remat_policy": ("auto", "none", "full", "save_dots"),
     "layer_grad_boundary": ("auto", "on", "off"),
     "dtype": ("float32", "bfloat16"),
+    "param_dtype": ("float32", "bfloat16"),
     "attention_impl": ("auto", "splash", "cudnn", "blockwise", "reference"),
 }
 
@@ -74,13 +75,17 @@ class ModelConfig:
     # The embedding table has vocab_size rounded up to a multiple of this (TPU lanes
     # are 128 wide); padded rows never receive probability mass (see losses.py).
     vocab_pad_multiple: int = 128
-    remat_policy: str = "none"
+    # What the backward pass recomputes. 'auto' resolves per platform (for_platform):
+    # 'save_dots' on CPU, where recomputing elementwise work beats storing it (measured,
+    # docs/benchmarks.md), 'none' elsewhere; set 'full' when activations do not fit.
+    remat_policy: str = "auto"
     # Whether the backward pass computes the residual stream's gradient at each layer's
     # input into a buffer of its own (block.grad_boundary). 'auto' turns it on for CPU
     # meshes, where XLA otherwise recomputes the sum of all later layers' gradients
     # inside every consumer (a quarter of a 12-layer CPU step); see for_platform.
     layer_grad_boundary: str = "auto"
-    dtype: str = "float32"  # compute dtype; parameters are always float32
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype of the parameters (and their gradients)
 
     def __post_init__(self):
         for field, allowed in _CHOICES.items():
@@ -135,6 +140,8 @@ class ModelConfig:
             # conditional would copy its predicate to the host once per layer, so elsewhere
             # it stays off until a profile there shows the same duplication.
             changes["layer_grad_boundary"] = "on" if platform == "cpu" else "off"
+        if self.remat_policy == "auto":
+            changes["remat_policy"] = "save_dots" if platform == "cpu" else "none"
         if self.attention_impl == "auto":
             changes["attention_impl"] = {"tpu": "splash", "gpu": "cudnn",
                                          "cuda": "cudnn"}.get(platform, "blockwise")
@@ -145,6 +152,11 @@ class ModelConfig:
         """Rows of the embedding table: vocab_size rounded up to vocab_pad_multiple."""
         m = self.vocab_pad_multiple
         return -(-self.vocab_size // m) * m
+
+    @property
+    def parameter_dtype(self) -> jnp.dtype:
+        """The dtype parameters are created and stored in."""
+        return jnp.dtype(self.param_dtype)
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -17,6 +17,7 @@ class DenseGeneral(nn.Module):
     in_axes: Sequence[int]
     dtype: jnp.dtype
     use_bias: bool = False
+    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -24,13 +25,15 @@ class DenseGeneral(nn.Module):
         init = nn.initializers.variance_scaling(
             1.0, "fan_in", "truncated_normal", in_axis=tuple(self.in_axes), out_axis=out_axes
         )
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axis_names), self.shape)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axis_names), self.shape,
+                            self.param_dtype)
         y = jnp.einsum(self.spec, x, kernel.astype(self.dtype))
         if self.use_bias:
             bias_shape = tuple(self.shape[i] for i in out_axes)
             bias_names = tuple(self.axis_names[i] for i in out_axes)
             bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_names), bias_shape
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_names), bias_shape,
+                self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
         return y

@@ -20,6 +20,7 @@ class Embed(nn.Module):
             "embedding",
             nn.with_logical_partitioning(nn.initializers.normal(self.std), ("vocab", "embed")),
             (self.num_embeddings, self.config.d_model),
+            self.config.parameter_dtype,
         )
 
     def __call__(self, ids_bt: jnp.ndarray) -> jnp.ndarray:

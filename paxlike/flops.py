@@ -72,8 +72,8 @@ def attention_recomputes_scores(cfg: ModelConfig, seq_len: int) -> bool:
 def hardware_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int) -> float:
     """FLOPs per token the hardware executes: model FLOPs plus what remat and the kernels recompute.
 
-    - remat 'full' recomputes every layer's forward (2N' + 4·L·H·Q·T, N' the layer weights
-      plus the head, as PaLM counts it: a third of the model FLOPs);
+    - remat 'full' recomputes every layer's forward: 2N' + 4·L·H·Q·T, N' the layers'
+      matmul weights (a third of the model FLOPs, less the output projection's 2·V·D);
     - remat 'save_dots' keeps the outputs of matmuls without batch dimensions (the
       projections) but not attention's, whose einsums batch over (batch, heads): their
       forward, 4·L·H·Q·T, runs again;
@@ -85,7 +85,9 @@ def hardware_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int) -> f
     attention_fwd = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
     flops = model
     if cfg.remat_policy == "full":
-        flops += model / 3.0
+        # Every layer's forward again; the output projection sits outside the remat'ed
+        # stack, so its 2·V·D is not repeated.
+        flops += model / 3.0 - 2.0 * cfg.vocab_size * cfg.d_model
     elif cfg.remat_policy == "save_dots":
         flops += attention_fwd
     if attention_recomputes_scores(cfg, seq_len):

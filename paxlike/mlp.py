@@ -35,7 +35,7 @@ class Mlp(nn.Module):
         def up(name):
             return DenseGeneral(
                 "btd,df->btf", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), (0,), dt, cfg.use_bias,
-                name=name,
+                cfg.parameter_dtype, name=name,
             )(x_btd)
 
         h_btf = ACTIVATIONS[cfg.mlp_activation](up("wi_gate"))
@@ -44,5 +44,5 @@ class Mlp(nn.Module):
         h_btf = nn.with_logical_constraint(h_btf, ("act_batch", "act_length", "act_mlp"))
         return DenseGeneral(
             "btf,fd->btd", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), (0,), dt, cfg.use_bias,
-            name="wo",
+            cfg.parameter_dtype, name="wo",
         )(h_btf)

@@ -64,7 +64,9 @@ class Transformer(nn.Module):
             x_btd = Norm(cfg, name="embedding_norm")(x_btd)
 
         block = Block
-        if cfg.remat_policy != "none":
+        # 'auto' is resolved per platform by the train program; unresolved (parameter
+        # counts, inference) nothing is differentiated, so it means no remat.
+        if cfg.remat_policy not in ("none", "auto"):
             # prevent_cse only matters outside scan, where XLA could undo the remat.
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                              prevent_cse=not cfg.scan_layers)
@@ -108,4 +110,4 @@ class OutputProjection(nn.Module):
             nn.with_logical_partitioning(
                 nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
                 ("embed", "vocab")),
-            (cfg.d_model, cfg.padded_vocab_size))
+            (cfg.d_model, cfg.padded_vocab_size), cfg.parameter_dtype)

@@ -21,12 +21,14 @@ class Norm(nn.Module):
             x = x - jnp.mean(x, axis=-1, keepdims=True)
         x = x * jnp.reciprocal(jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_epsilon))
         scale_d = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],)
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+            cfg.parameter_dtype,
         )
-        x = x * scale_d
+        x = x * scale_d.astype(jnp.float32)
         if cfg.norm_bias:
             bias_d = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (x.shape[-1],)
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (x.shape[-1],),
+                cfg.parameter_dtype,
             )
-            x = x + bias_d
+            x = x + bias_d.astype(jnp.float32)
         return x.astype(cfg.compute_dtype)

@@ -16,7 +16,7 @@ from paxlike.data import FEATURES
 from paxlike.errors import UserError
 from paxlike.losses import lm_head_loss
 from paxlike.model import Transformer, head_weights
-from paxlike.optimizers import make_optimizer
+from paxlike.optimizers import learning_rate, make_optimizer
 
 if TYPE_CHECKING:
     from paxlike.trainer import TrainConfig
@@ -73,7 +73,7 @@ class TrainProgram:
         self.model_config = config.model.for_platform(platform)
         _check_vocab_shards(self.model_config, mesh, rules)
         self.model = Transformer(self.model_config)
-        self.optimizer = make_optimizer(config.optimizer, config.train_steps)
+        self.optimizer = make_optimizer(config.optimizer, config.train_steps, platform)
         self.tx, self.schedule = self.optimizer.tx, self.optimizer.schedule
         b, t = config.data.batch_size, config.data.seq_len
         self.batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -127,12 +127,41 @@ class TrainProgram:
         return lm_head_loss(self.model_config, x_btd, head_weights(self.model_config, params),
                             batch["decoder_target_tokens"], batch["decoder_loss_weights"])
 
-    def _train_step(self, state: TrainState, batch):
-        def loss_fn(params):
-            ce, z, weight = self._loss_terms(params, batch)
-            return (ce + z) / weight, (ce / weight, z / weight)
+    def _grads(self, params, batch):
+        """Summed (cross-entropy, z-loss, weight) and the gradient of ce + z, over GRAD_ACCUM_STEPS microbatches.
 
-        (total, (ce, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        Sums, not means, so microbatches add up to exactly the full batch's terms; the
+        caller divides by the total weight. The microbatches are scanned: activations of
+        one microbatch live at a time. Microbatch i takes rows i, i + k, i + 2k, ... so that
+        each device keeps contributing its own rows and no row moves between devices.
+        """
+        def sums(p, micro):
+            ce, z, weight = self._loss_terms(p, micro)
+            return ce + z, (ce, z, weight)
+
+        grad_fn = jax.value_and_grad(sums, has_aux=True)
+        k = self.config.grad_accum_steps
+        if k == 1:
+            (_, terms), grads = grad_fn(params, batch)
+            return terms, grads
+        micro_batches = {name: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+                         for name, x in batch.items()}
+
+        def body(carry, micro):
+            terms, grads = carry
+            (_, micro_terms), micro_grads = grad_fn(params, micro)
+            grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, micro_grads)
+            return (jax.tree.map(jnp.add, terms, micro_terms), grads), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zero = jnp.zeros((), jnp.float32)
+        (terms, grads), _ = jax.lax.scan(body, ((zero, zero, zero), zeros), micro_batches)
+        return terms, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+    def _train_step(self, state: TrainState, batch):
+        (ce, z, weight), grads = self._grads(state.params, batch)
+        grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
+        total, ce, z = (ce + z) / weight, ce / weight, z / weight
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient skips the update: the step counter (and the
         # data) move on, the weights and optimizer state do not.
@@ -140,7 +169,7 @@ class TrainProgram:
         params, opt_state = self.optimizer.apply(grads, state.opt_state, state.params,
                                                  grad_norm, ok)
         metrics = {"loss": ce, "z_loss": z, "total_loss": total, "grad_norm": grad_norm,
-                   "learning_rate": self.schedule(state.step),
+                   "learning_rate": learning_rate(self.optimizer, state.opt_state),
                    "skipped": 1 - ok.astype(jnp.int32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 

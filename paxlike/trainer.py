@@ -49,11 +49,14 @@ class TrainConfig:
     seed: int = 0  # parameter initialisation
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops
     init_from: str | None = None  # a model directory whose parameters start a fresh run
+    # Microbatches per step: gradients summed over them in a scan, the memory of one.
+    grad_accum_steps: int = 1
     # (first, last): trace these steps with jax.profiler into MODEL_DIR/tensorboard.
     profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self):
-        for field in ("train_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for field in ("train_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                      "grad_accum_steps"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{field.upper()} = {value!r}; it must be a positive integer")
@@ -81,6 +84,11 @@ def _check(config: TrainConfig, mesh) -> None:
         raise UserError(
             f"BATCH_SIZE = {config.data.batch_size} is not divisible by the data-parallel size "
             f"{split} (data x fsdp of MESH_SHAPE); use a multiple of {split}")
+    k = config.grad_accum_steps
+    if config.data.batch_size % (split * k):
+        raise UserError(
+            f"BATCH_SIZE = {config.data.batch_size} does not split into GRAD_ACCUM_STEPS = {k} "
+            f"microbatches over the data-parallel size {split}; use a multiple of {split * k}")
     if config.data.seq_len > config.model.max_seq_len:
         raise UserError(
             f"SEQ_LEN = {config.data.seq_len} exceeds the model's max_seq_len = "

@@ -45,10 +45,11 @@ def _reference_mha(x, wq, wk, wv, wo, mask):
     return out
 
 
-def _attention(num_kv_heads, position="none", query_block=0):
+def _attention(num_kv_heads, position="none", query_block=0, impl="auto", key_block=512):
     cfg = ModelConfig.from_fields(vocab_size=16, d_model=32, num_heads=4,
                                   num_kv_heads=num_kv_heads, head_dim=8, d_ff=64,
-                                  position=position, attention_query_block=query_block)
+                                  position=position, attention_query_block=query_block,
+                                  attention_impl=impl, attention_key_block=key_block)
     return Attention(cfg)
 
 
@@ -117,3 +118,18 @@ def test_query_blocks_change_nothing_with_alibi_and_packing(num_kv_heads):
     for block in (1, 3):
         got = _attention(num_kv_heads, "alibi", block).apply({"params": params}, x, pos, seg)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "blockwise"])
+def test_attention_impls_equal_textbook_attention_over_several_key_blocks(impl):
+    # 7 tokens in key blocks of 2 and query blocks of 3: the blockwise path streams.
+    x = jax.random.normal(jax.random.key(5), (2, 7, 32))
+    pos = jnp.tile(jnp.arange(7), (2, 1))
+    seg = jnp.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
+    attn = _attention(2, query_block=3, impl=impl, key_block=2)
+    params = strip_boxes(attn.init(jax.random.key(6), x, pos, seg))["params"]
+    got = attn.apply({"params": params}, x, pos, seg)
+    want = _reference_mha(x, params["query"]["kernel"], params["key"]["kernel"],
+                          params["value"]["kernel"], params["out"]["kernel"],
+                          np.asarray(attention_mask(seg)))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

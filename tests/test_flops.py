@@ -35,7 +35,11 @@ def test_full_remat_hardware_flops_add_one_forward():
     result = _mfu("--gin_file", "models/palm_8b.gin", "--tokens_per_sec", "1000", "--chips", "1",
                   "--hardware", "tpu_v4", "--gin.ModelConfig.remat_policy='full'",
                   "--gin.ModelConfig.attention_impl='reference'", "--gin.ModelConfig.loss_chunk=0")
-    assert result["hfu"] == pytest.approx(result["mfu"] * 4 / 3, rel=1e-12)
+    # A third of the model FLOPs again, less the output projection (outside the remat'ed
+    # stack): 2 x 256k vocabulary x 4096.
+    extra = result["flops_per_token"] / 3 - 2 * 256_000 * 4096
+    assert result["hfu"] == pytest.approx(result["mfu"] * (1 + extra / result["flops_per_token"]),
+                                          rel=1e-12)
 
 
 # PaLM 8B: 32 layers, 16 heads of 256, d_model 4096, 256k vocabulary; T = 2048.
@@ -60,7 +64,7 @@ def test_hardware_flops_count_what_is_recomputed(remat, impl, chunk, extra):
     assert result["hardware_flops_per_token"] - result["flops_per_token"] == extra
 
 
-def _xla_over_analytic(family, **overrides):
+def _xla_over_analytic(family, hardware=False, **overrides):
     batch, seq = 4, 128
     gin_config.parse([f"models/tiny_{family}.gin", "runs/pretrain.gin"], {
         "MODEL_DIR": "'unused'", "BATCH_SIZE": str(batch), "SEQ_LEN": str(seq),
@@ -71,6 +75,8 @@ def _xla_over_analytic(family, **overrides):
         # The formula counts every query against every key (PaLM's convention, whatever
         # the implementation skips); compile the attention that does exactly that.
         "ModelConfig.attention_query_block": "0",
+        # The model FLOPs of a step that recomputes nothing (HFU's test below remats).
+        "ModelConfig.remat_policy": "'none'",
         **{f"ModelConfig.{k}": str(v) for k, v in overrides.items()}})
     config = gin_config.build(TrainConfig)
     mesh = sharding.make_mesh(config.mesh)
@@ -79,7 +85,8 @@ def _xla_over_analytic(family, **overrides):
         compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    analytic = flops.model_flops_per_token(config.model, program.abstract_params, seq) * batch * seq
+    count = flops.hardware_flops_per_token if hardware else flops.model_flops_per_token
+    analytic = count(program.model_config, program.abstract_params, seq) * batch * seq
     return cost["flops"] / analytic
 
 
@@ -90,6 +97,19 @@ def test_xla_flops_agree_with_analytic_count(family):
     # 4-8%; it is never less than the matmuls.
     ratio = _xla_over_analytic(family)
     assert 1.0 < ratio < 1.10, ratio
+
+
+@pytest.mark.parametrize("remat", ["'save_dots'", "'full'"])
+def test_xla_flops_of_a_rematerialised_step_agree_with_hardware_flops(remat):
+    # Under save_dots XLA recomputes attention's batched einsums (not the projections);
+    # under full, the whole forward: hardware_flops_per_token must count the same.
+    ratio = _xla_over_analytic("palm", hardware=True, remat_policy=remat)
+    # Under full remat XLA also drops recomputed results the backward pass never reads
+    # (each branch's last matmul: attention's P.V and output projection, the MLP's
+    # down projection), which the count, a whole forward as PaLM counts it, includes.
+    assert (0.95 if remat == "'full'" else 1.0) < ratio < 1.10, ratio
+    # Counting model FLOPs only would miss the recomputation.
+    assert _xla_over_analytic("palm", remat_policy=remat) > ratio + 0.04
 
 
 def test_xla_excess_shrinks_as_matmuls_dominate():
