@@ -113,3 +113,13 @@ def test_bad_profile_steps_are_refused(steps):
     with pytest.raises(UserError, match="PROFILE_STEPS"):
         tiny_config(PROFILE_STEPS=steps)
     assert TrainConfig  # the refusal comes from TrainConfig's own check
+
+
+def test_evaluation_keeps_its_own_schedule(tmp_path):
+    # EVAL_EVERY = 3 with LOG_EVERY = 4: steps 3 and 6 are evaluated although not logged.
+    config = tiny_config(TRAIN_STEPS=8, LOG_EVERY=4, EVAL_EVERY=3, CHECKPOINT_EVERY=100)
+    train(config, str(tmp_path), show_progress=False)
+    records = {r["step"]: r for r in read_metrics(str(tmp_path))}
+    assert sorted(records) == [3, 4, 6, 8]
+    assert [s for s in sorted(records) if "eval_loss" in records[s]] == [3, 6]
+    assert all(np.isfinite(records[s]["eval_loss"]) for s in (3, 6))
