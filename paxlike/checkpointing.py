@@ -14,6 +14,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from paxlike import storage
+from paxlike.errors import UserError
 from paxlike.faults import EXIT_CHECKPOINT_FAILED, RunHalted
 
 if TYPE_CHECKING:
@@ -59,15 +61,23 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, every: int, keep: int):
-        self._manager = ocp.CheckpointManager(
-            epath.Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(
-                save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
-                create=True, cleanup_tmp_directories=True),
-            item_names=(STATE, DATA),
-            item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataStreamHandler()},
-        )
-        self.directory = os.fspath(epath.Path(directory).absolute())
+        try:
+            self._manager = ocp.CheckpointManager(
+                # epath's absolute() would prefix a gs:// URL with the working directory.
+                epath.Path(storage.absolute(directory)),
+                options=ocp.CheckpointManagerOptions(
+                    save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
+                    create=True, cleanup_tmp_directories=True),
+                item_names=(STATE, DATA),
+                item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataStreamHandler()},
+            )
+        except Exception as e:  # noqa: BLE001 - on GCS: whatever the bucket's clients refused
+            if not storage.is_remote(directory):
+                raise
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            raise UserError(f"cannot open the checkpoints in {directory}: {lines[0][:200]}; check "
+                            "that these credentials may read, list and write the bucket") from None
+        self.directory = storage.absolute(directory)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -124,7 +134,7 @@ class Checkpointer:
 
     def step_path(self, step: int) -> str:
         """Directory of the checkpoint of `step`."""
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def wait(self) -> None:
         """Blocks until any in-flight save has been committed."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
-import os
 from typing import Sequence
 
 import gin
@@ -13,6 +13,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from paxlike import storage
 from paxlike.errors import UserError
 
 # The input pipeline runs on the host: keep TensorFlow off any GPU so it does not
@@ -195,37 +196,41 @@ class DataStream:
             if shard not in self.writes:
                 continue
             pending = [parts[j] for parts in unconsumed_parts] + list(self._replay[j])
-            path = os.path.join(directory, f"shard_{shard}")
-            os.makedirs(path, exist_ok=True)
-            tf.train.Checkpoint(iterator=iterator).write(os.path.join(path, "iterator"))
-            with open(os.path.join(path, "shards.json"), "w") as f:
-                json.dump({"num_shards": self._num_shards, "rows": self._rows}, f)
-            np.savez(os.path.join(path, "pending.npz"), count=np.asarray(len(pending)),
+            path = storage.join(directory, f"shard_{shard}")
+            storage.makedirs(path)
+            # TensorFlow's own file IO writes the iterator, to local paths and gs:// alike.
+            tf.train.Checkpoint(iterator=iterator).write(storage.join(path, "iterator"))
+            storage.write_text(storage.join(path, "shards.json"),
+                               json.dumps({"num_shards": self._num_shards, "rows": self._rows}))
+            # np.savez seeks while writing: build the archive in memory, then store it.
+            buffer = io.BytesIO()
+            np.savez(buffer, count=np.asarray(len(pending)),
                      **{k: np.stack([b[k] for b in pending]) if pending
                         else np.zeros((0,), np.int32) for k in FEATURES})
+            storage.write_bytes(storage.join(path, "pending.npz"), buffer.getvalue())
 
     def restore(self, directory: str) -> None:
         """Moves the shards to the positions saved under `directory` (by any process count)."""
-        legacy = os.path.join(directory, f"process_{self._process_index}")
-        if not os.path.isdir(os.path.join(directory, f"shard_{self.shards[0]}")) and os.path.isdir(legacy):
+        legacy = storage.join(directory, f"process_{self._process_index}")
+        if (not storage.is_dir(storage.join(directory, f"shard_{self.shards[0]}"))
+                and storage.is_dir(legacy)):
             # Written before positions were kept per shard: same process count only.
             tf.train.Checkpoint(**{f"shard_{s}": it for s, it in zip(self.shards, self._iterators)}
-                                ).read(os.path.join(legacy, "iterators")).assert_consumed()
+                                ).read(storage.join(legacy, "iterators")).assert_consumed()
             return
         for j, (shard, iterator) in enumerate(zip(self.shards, self._iterators)):
-            path = os.path.join(directory, f"shard_{shard}")
-            if not os.path.isdir(path):
+            path = storage.join(directory, f"shard_{shard}")
+            if not storage.is_dir(path):
                 raise UserError(f"{directory} holds no input position for data shard {shard}; "
                                 "resume with the DataConfig.num_shards the run was saved with")
-            with open(os.path.join(path, "shards.json")) as f:
-                saved_as = json.load(f)
+            saved_as = json.loads(storage.read_text(storage.join(path, "shards.json")))
             if saved_as != {"num_shards": self._num_shards, "rows": self._rows}:
                 raise UserError(
                     f"the input position in {directory} was saved with DataConfig.num_shards = "
                     f"{saved_as['num_shards']} ({saved_as['rows']} rows each); resume with that "
                     f"num_shards and BATCH_SIZE, not {self._num_shards} shards of {self._rows}")
             tf.train.Checkpoint(iterator=iterator).read(
-                os.path.join(path, "iterator")).assert_consumed()
-            with np.load(os.path.join(path, "pending.npz")) as saved:
+                storage.join(path, "iterator")).assert_consumed()
+            with np.load(storage.bytes_io(storage.join(path, "pending.npz"))) as saved:
                 self._replay[j] = collections.deque(
                     {k: saved[k][i] for k in FEATURES} for i in range(int(saved["count"])))

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import math
-import os
+import posixpath
 import re
 from typing import Any
 
 import numpy as np
 
 from paxlike import model_dir as model_dir_lib
+from paxlike import storage
 from paxlike.config import ModelConfig
 from paxlike.errors import UserError
 from paxlike.hf_families import FAMILIES, REQUIRED, TRAINING_FIELDS, Family, TensorRule
@@ -234,12 +234,12 @@ def params_to_hf(family: Family, cfg: ModelConfig, params: dict[str, np.ndarray]
 
 def read_hf_dir(hf_dir: str, family: Family | None) -> tuple[Family, dict, dict[str, np.ndarray]]:
     """(family, config.json, tensors) of a Hugging Face checkpoint directory; never unpickles anything."""
-    config_path = os.path.join(hf_dir, HF_CONFIG)
-    if not os.path.isfile(config_path):
+    storage.check_access(hf_dir)
+    config_path = storage.join(hf_dir, HF_CONFIG)
+    if not storage.is_file(config_path):
         raise UserError(f"{hf_dir} has no {HF_CONFIG}; pass a directory written by "
                         "save_pretrained (or downloaded from the Hub)")
-    with open(config_path) as f:
-        hf = json.load(f)
+    hf = json.loads(storage.read_text(config_path))
     model_type = hf.get("model_type")
     if family is None:
         by_type = {f.model_type: f for f in FAMILIES.values()}
@@ -250,26 +250,28 @@ def read_hf_dir(hf_dir: str, family: Family | None) -> tuple[Family, dict, dict[
     elif model_type not in (None, family.model_type):
         raise UserError(f"{config_path} has model_type {model_type!r}, not {family.model_type!r}; "
                         "pass the matching --family")
-    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
-    index_path = os.path.join(hf_dir, HF_WEIGHTS + ".index.json")
-    if os.path.isfile(index_path):
+    files = storage.glob(hf_dir, "*.safetensors")
+    index_path = storage.join(hf_dir, HF_WEIGHTS + ".index.json")
+    if storage.is_file(index_path):
         # A sharded checkpoint names its shards; other files (e.g. a consolidated copy) are not read.
-        with open(index_path) as f:
-            shards = set(json.load(f)["weight_map"].values())
-        files = [p for p in files if os.path.basename(p) in shards]
+        shards = set(json.loads(storage.read_text(index_path))["weight_map"].values())
+        files = [p for p in files if posixpath.basename(p) in shards]
     if not files:
-        pickles = sorted(os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*"))
-                         if p.endswith(PICKLE_SUFFIXES))
+        pickles = sorted(name for name in storage.listdir(hf_dir)
+                         if name.endswith(PICKLE_SUFFIXES) and not name.startswith("."))
         if pickles:
             raise UserError(
                 f"{hf_dir} holds only pickle weight files ({', '.join(pickles[:3])}), which paxlike "
                 "will not load (unpickling can run arbitrary code); re-save the model with "
                 "save_pretrained(DIR, safe_serialization=True) and convert DIR")
         raise UserError(f"{hf_dir} has no *.safetensors weight files")
-    load_file = _safetensors_numpy().load_file
+    safetensors_numpy = _safetensors_numpy()
     tensors: dict[str, np.ndarray] = {}
     for path in files:
-        for name, value in load_file(path).items():
+        # Local files are memory-mapped; a remote one is read whole, then decoded.
+        loaded = (safetensors_numpy.load(storage.read_bytes(path)) if storage.is_remote(path)
+                  else safetensors_numpy.load_file(path))
+        for name, value in loaded.items():
             # Checkpoints of the bare base model name tensors without its prefix.
             full = name if name.startswith((family.prefix, "lm_head.")) else family.prefix + name
             tensors[full] = value
@@ -278,17 +280,18 @@ def read_hf_dir(hf_dir: str, family: Family | None) -> tuple[Family, dict, dict[
 
 def from_hf(hf_dir: str, model_dir: str, family_name: str | None = None) -> ModelConfig:
     """Converts the Hugging Face checkpoint in `hf_dir` into a paxlike model directory `model_dir`."""
+    storage.check_access(model_dir)
     if model_dir_lib.latest_step(model_dir) is not None:
         raise UserError(f"{model_dir} already holds a checkpoint; choose a new --model_dir")
     family, hf, tensors = read_hf_dir(hf_dir, FAMILIES[family_name] if family_name else None)
     cfg = config_from_hf(family, hf)
     params = params_from_hf(family, cfg, tensors)
-    out = os.path.abspath(model_dir)
+    out = storage.absolute(model_dir)
     header = [f"{family.name} model converted from the Hugging Face checkpoint in",
-              f"{os.path.abspath(hf_dir)} ({', '.join(hf.get('architectures') or [family.architecture])}).",
+              f"{storage.absolute(hf_dir)} ({', '.join(hf.get('architectures') or [family.architecture])}).",
               "",
               "Continue pretraining it (parameters from this directory, a fresh optimizer):",
-              f"  paxlike train --gin_file {os.path.join(out, model_dir_lib.CONFIG_FILE)} "
+              f"  paxlike train --gin_file {storage.join(out, model_dir_lib.CONFIG_FILE)} "
               "--gin_file runs/pretrain.gin \\",
               f"    --gin.INIT_FROM={out} --model_dir RUN_DIR"]
     model_dir_lib.write_model_dir(model_dir, cfg, params, header)
@@ -307,7 +310,8 @@ def to_hf(model_dir: str, hf_dir: str, family_name: str | None = None) -> Family
     if not cfg.scan_layers:
         raise UserError(f"{model_dir} was trained with scan_layers = False; to-hf reads scanned "
                         "(stacked) layers only")
-    taken = [n for n in (HF_CONFIG, HF_WEIGHTS) if os.path.exists(os.path.join(hf_dir, n))]
+    storage.check_access(hf_dir)
+    taken = [n for n in (HF_CONFIG, HF_WEIGHTS) if storage.exists(storage.join(hf_dir, n))]
     if taken:
         raise UserError(f"{hf_dir} already has {', '.join(taken)}; choose a new --hf_dir")
     try:  # host memory: the tensors are written from numpy anyway
@@ -319,12 +323,15 @@ def to_hf(model_dir: str, hf_dir: str, family_name: str | None = None) -> Family
                             abstract_params(cfg))
     params = model_dir_lib.flatten(model_dir_lib.load_params(model_dir, abstract))
     tensors = params_to_hf(family, cfg, {k: np.asarray(v) for k, v in params.items()})
-    save_file = _safetensors_numpy().save_file
-    os.makedirs(hf_dir, exist_ok=True)
-    save_file(tensors, os.path.join(hf_dir, HF_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(hf_dir, HF_CONFIG), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-        f.write("\n")
+    safetensors_numpy = _safetensors_numpy()
+    storage.makedirs(hf_dir)
+    weights = storage.join(hf_dir, HF_WEIGHTS)
+    if storage.is_remote(weights):
+        storage.write_bytes(weights, safetensors_numpy.save(tensors, metadata={"format": "pt"}))
+    else:  # straight to the file, without a second copy in memory
+        safetensors_numpy.save_file(tensors, weights, metadata={"format": "pt"})
+    storage.write_text(storage.join(hf_dir, HF_CONFIG),
+                       json.dumps(hf, indent=2, sort_keys=True) + "\n")
     return family
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -47,8 +48,9 @@ class LanguageModel:
         return np.asarray(logits_btv, np.float32)
 
 
-def load_model(model_dir: str) -> LanguageModel:
-    """The model in a paxlike model directory (written by training or by `paxlike convert`), newest checkpoint."""
+def load_model(model_dir: str | os.PathLike) -> LanguageModel:
+    """The model in a paxlike model directory (a local path or gs://BUCKET/PATH), newest checkpoint."""
+    model_dir = os.fspath(model_dir)
     config = model_dir_lib.read_model_config(model_dir)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import math
+import posixpath
 import re
 import time
 from typing import Any, Sequence
 
-from paxlike import gin_config
+from paxlike import gin_config, storage
 from paxlike.collectives import KINDS
 from paxlike.errors import UserError
 
@@ -62,6 +64,9 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> None:
             overrides = {**overrides, flag.upper(): str(value)}
     if args.plot:
         _require_matplotlib()
+    for output in (args.json, args.plot):  # a gs:// output's bucket, before the long analysis
+        if output:
+            storage.check_access(output)
     layouts = [(name, _layout_file(name)) for name in args.layout]
     _prepare_devices(args)
     from paxlike import topology
@@ -72,8 +77,7 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     rows = [analyse(name, [*base, path], overrides, target, args.steps) for name, path in layouts]
     print(format_table(rows, target))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        storage.write_text(args.json, json.dumps(rows, indent=1))
     if args.plot:
         plot(rows, target, args.plot)
 
@@ -356,5 +360,12 @@ def plot(rows: list[dict[str, Any]], target, path: str) -> None:
     fig.suptitle(f"Sharding layouts on {target.name}"
                  + ("\nnot shown: " + "; ".join(failed) if failed else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if storage.is_remote(path):
+        # matplotlib writes local files only: render in memory, in the format the name says.
+        buffer = io.BytesIO()
+        suffix = posixpath.splitext(path)[1].lstrip(".").lower()
+        fig.savefig(buffer, dpi=110, format=suffix or None)
+        storage.write_bytes(path, buffer.getvalue())
+    else:
+        fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,26 +4,44 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Mapping
 
 import jax
 import tqdm
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 
+from paxlike import storage
 from paxlike.console import stderr_is_terminal
 
 log = logging.getLogger("paxlike")
+
+
+class _EventFiles:
+    """tensorboardX's writer factory for URLs: event files go through paxlike's path layer.
+
+    tensorboardX's own gs:// writer is a second GCS client with a setup of its own; this
+    one writes through the client that config.gin and metrics.jsonl go through.
+    """
+
+    def open(self, path: str) -> storage.Stream:
+        return storage.Stream(path, "wb")
+
+    def directory_check(self, path: str) -> None:
+        storage.makedirs(path)
+
+
+for _scheme in storage.REMOTE_SCHEMES:
+    record_writer.register_writer_factory(_scheme, _EventFiles())
 
 
 class MetricsWriter:
     """Appends one JSON object per log step and mirrors scalars to TensorBoard."""
 
     def __init__(self, model_dir: str, total_steps: int, start_step: int, show_progress: bool | None = None):
-        self._jsonl_path = os.path.join(model_dir, "metrics.jsonl")
+        self._jsonl_path = storage.join(model_dir, "metrics.jsonl")
         # Every process computes the same (replicated) metrics; process 0 alone records them.
         self._primary = jax.process_index() == 0
-        self._tb = (SummaryWriter(os.path.join(model_dir, "tensorboard"), flush_secs=30)
+        self._tb = (SummaryWriter(storage.join(model_dir, "tensorboard"), flush_secs=30)
                     if self._primary else None)
         if show_progress is None:
             show_progress = stderr_is_terminal()
@@ -36,7 +54,9 @@ class MetricsWriter:
         if not self._primary:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
-        with open(self._jsonl_path, "a") as f:
+        # Appended per record, so a killed run keeps every record it logged (on GCS an
+        # append rewrites the object: keep LOG_EVERY moderate for long runs there).
+        with storage.open_file(self._jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for name, value in record.items():
             if name != "step" and isinstance(value, float):

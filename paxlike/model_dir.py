@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
@@ -14,6 +13,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from gin import config_parser
 
+from paxlike import storage
 from paxlike.checkpointing import STATE
 from paxlike.config import ModelConfig
 from paxlike.errors import UserError
@@ -43,15 +43,14 @@ class _Delegate(config_parser.ParserDelegate):
 
 def _collect(path: str, macros: dict[str, Any], fields: dict[str, Any]) -> None:
     """Reads macro definitions and unscoped ModelConfig bindings of `path` and its includes, in order."""
-    with open(path) as f:
-        for statement in config_parser.ConfigParser(f, _Delegate()):
-            if isinstance(statement, config_parser.IncludeStatement):
-                _collect(resolve_gin_file(statement.filename), macros, fields)
-            elif isinstance(statement, config_parser.BindingStatement) and not statement.scope:
-                if not statement.arg_name:
-                    macros[statement.selector] = statement.value
-                elif statement.selector.split(".")[-1] == "ModelConfig":
-                    fields[statement.arg_name] = statement.value
+    for statement in config_parser.ConfigParser(storage.read_text(path), _Delegate()):
+        if isinstance(statement, config_parser.IncludeStatement):
+            _collect(resolve_gin_file(statement.filename), macros, fields)
+        elif isinstance(statement, config_parser.BindingStatement) and not statement.scope:
+            if not statement.arg_name:
+                macros[statement.selector] = statement.value
+            elif statement.selector.split(".")[-1] == "ModelConfig":
+                fields[statement.arg_name] = statement.value
 
 
 def _resolve(value: Any, macros: dict[str, Any], where: str) -> Any:
@@ -66,8 +65,9 @@ def _resolve(value: Any, macros: dict[str, Any], where: str) -> Any:
 
 def read_model_config(model_dir: str) -> ModelConfig:
     """The ModelConfig bound in `model_dir`/config.gin (gin's global configuration is left untouched)."""
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    storage.check_access(model_dir)
+    path = storage.join(model_dir, CONFIG_FILE)
+    if not storage.is_file(path):
         raise UserError(f"{model_dir} has no {CONFIG_FILE}; pass a directory written by "
                         "'paxlike train' or 'paxlike convert from-hf'")
     macros: dict[str, Any] = {}
@@ -94,12 +94,19 @@ def model_config_gin(cfg: ModelConfig, header: list[str]) -> str:
 
 
 def latest_step(model_dir: str) -> int | None:
-    """The newest committed checkpoint step in `model_dir`, or None (uncommitted saves carry a suffix)."""
-    directory = os.path.join(model_dir, CHECKPOINTS)
-    if not os.path.isdir(directory):
+    """The newest committed checkpoint step in `model_dir`, or None.
+
+    Orbax marks an uncommitted save by a name suffix on local disks, and on GCS (which
+    cannot rename) by the absence of its commit file, which Orbax's own test looks for.
+    """
+    directory = storage.join(model_dir, CHECKPOINTS)
+    if not storage.is_dir(directory):
         return None
-    steps = [int(name) for name in os.listdir(directory)
-             if name.isdigit() and os.path.isdir(os.path.join(directory, name, STATE))]
+    remote = storage.is_remote(directory)
+    steps = [int(name) for name in storage.listdir(directory)
+             if name.isdigit() and storage.is_dir(storage.join(directory, name, STATE))
+             and (not remote or ocp.path.step.is_path_finalized(
+                 epath.Path(storage.join(directory, name))))]
     return max(steps, default=None)
 
 
@@ -108,7 +115,7 @@ def _state_path(model_dir: str) -> epath.Path:
     if step is None:
         raise UserError(f"{model_dir} holds no checkpoint ({CHECKPOINTS}/<step>/{STATE}); pass a "
                         "directory written by 'paxlike train' or 'paxlike convert from-hf'")
-    return epath.Path(model_dir).absolute() / CHECKPOINTS / str(step) / STATE
+    return epath.Path(storage.absolute(model_dir)) / CHECKPOINTS / str(step) / STATE
 
 
 def flatten(tree: Any) -> dict[str, Any]:
@@ -135,6 +142,7 @@ def load_params(model_dir: str, abstract_params: Any) -> Any:
     Only the parameters are read; the optimizer state is skipped. Any parameter whose name or
     shape differs from `abstract_params` is refused, naming it.
     """
+    storage.check_access(model_dir)
     path = _state_path(model_dir)
     checkpointer = ocp.PyTreeCheckpointer()
     absl_log = logging.getLogger("absl")
@@ -169,11 +177,10 @@ def write_model_dir(model_dir: str, cfg: ModelConfig, params: dict[str, np.ndarr
     """Writes config.gin and a step-0 checkpoint (parameters, empty optimizer state) into `model_dir`."""
     from paxlike.train_program import TrainState
 
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, CONFIG_FILE), "w") as f:
-        f.write(model_config_gin(cfg, header))
+    storage.makedirs(model_dir)
+    storage.write_text(storage.join(model_dir, CONFIG_FILE), model_config_gin(cfg, header))
     manager = ocp.CheckpointManager(
-        epath.Path(model_dir).absolute() / CHECKPOINTS,
+        epath.Path(storage.absolute(model_dir)) / CHECKPOINTS,
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
         item_names=(STATE,))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=unflatten(params), opt_state={})

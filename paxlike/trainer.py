@@ -15,7 +15,7 @@ import tensorflow as tf
 from flax import linen as nn
 
 from paxlike import flops as flops_lib
-from paxlike import sharding
+from paxlike import sharding, storage
 from paxlike.checkpointing import Checkpointer, param_shapes
 from paxlike.config import ModelConfig
 from paxlike.data import DataConfig, DataStream, shards_by_process, vocab_size
@@ -117,6 +117,13 @@ def _evaluate(program: TrainProgram, params, batches) -> float:
 
 def _check_model_dir(model_dir: str) -> None:
     """Refuses a MODEL_DIR that is a file or sits where nothing can be written."""
+    if storage.is_remote(model_dir):
+        # A URL: the bucket must exist and credentials be at hand (nothing is written yet).
+        storage.check_access(model_dir)
+        if storage.is_file(model_dir):
+            raise UserError(f"MODEL_DIR {model_dir!r} is an object, not a directory; pass a "
+                            "directory to --model_dir")
+        return
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
         raise UserError(f"MODEL_DIR {model_dir!r} is a file; pass a directory to --model_dir")
     existing = os.path.abspath(model_dir)
@@ -180,8 +187,8 @@ def _restore_or_init(program: TrainProgram, checkpointer: Checkpointer, stream: 
 
 def _write_config(model_dir: str, config: TrainConfig) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(gin.operative_config_str() or f"# {config!r}\n")
+        storage.write_text(storage.join(model_dir, "config.gin"),
+                           gin.operative_config_str() or f"# {config!r}\n")
 
 
 def _data_stream(config: TrainConfig, mesh, rules, split: str, shuffle: bool = True) -> DataStream:
@@ -224,7 +231,7 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), PreemptionWatcher() as preemption:
         program = TrainProgram(config, mesh, rules)
-        checkpointer = Checkpointer(os.path.join(model_dir, "checkpoints"),
+        checkpointer = Checkpointer(storage.join(model_dir, "checkpoints"),
                                     config.checkpoint_every, config.keep_checkpoints)
         try:
             state, start = _restore_or_init(program, checkpointer, stream, config)
@@ -336,8 +343,9 @@ def _loop(run: _Run, state: TrainState, start: int) -> TrainResult:
         nonlocal window
         skipped = bool(done.metrics["skipped"])
         # Skipped steps are always logged (rare and worth seeing), and so is the last.
+        # Evaluation has its own schedule (EVAL_EVERY): its step gets a record too.
         if (skipped or done.step % config.log_every == 0 or done.step == config.train_steps
-                or done.step == stop_step):
+                or done.step == stop_step or done.eval_loss is not None):
             scalars = {k: float(v) for k, v in jax.device_get(done.metrics).items()}
             scalars.update(window.close())
             tokens_per_sec = config.data.batch_size * config.data.seq_len / scalars["step_time_s"]
@@ -393,7 +401,7 @@ class _Profile:
 
     def __init__(self, steps, model_dir: str):
         self.first, self.last = (steps if steps else (None, None))
-        self.directory = os.path.join(model_dir, "tensorboard")
+        self.directory = storage.join(model_dir, "tensorboard")
         self.active = False
 
     def before(self, step: int) -> None:

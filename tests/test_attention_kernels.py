@@ -135,7 +135,10 @@ def test_splash_compiles_ahead_of_time_for_a_tpu_slice():
         target = topology.tpu_target("v4:2x2x1")
     except Exception as e:  # noqa: BLE001 - libtpu absent or refusing: nothing to compile for
         pytest.skip(f"no TPU topology: {e}")
-    mesh = sharding.make_mesh(sharding.MeshConfig(shape={"fsdp": 2, "tensor": 2}),
+    # Every field given: gin fills the others from whatever earlier tests bound.
+    mesh = sharding.make_mesh(sharding.MeshConfig(shape={"fsdp": 2, "tensor": 2},
+                                                  rules=sharding.DEFAULT_RULES, num_devices=None,
+                                                  dcn_shape={}),
                               list(target.devices))
     b, t, n, k, h = 4, 512, 4, 1, 128
 

