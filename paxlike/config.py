@@ -95,9 +95,10 @@ class ModelConfig:
                     f"ModelConfig.{field} = {value!r} is not supported; choose one of {list(allowed)}"
                 )
         for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                      "head_dim", "d_ff", "max_seq_len"):
+                      "head_dim", "d_ff", "max_seq_len", "attention_key_block",
+                      "vocab_pad_multiple"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"ModelConfig.{field} = {value!r}; it must be a positive int")
         if self.num_heads % self.num_kv_heads:
             raise UserError(
@@ -110,10 +111,6 @@ class ModelConfig:
         if not isinstance(self.attention_query_block, int) or self.attention_query_block < 0:
             raise UserError(f"ModelConfig.attention_query_block = {self.attention_query_block!r}; "
                             "it must be an int >= 0 (0 = no blocking)")
-        for field in ("attention_key_block", "vocab_pad_multiple"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"ModelConfig.{field} = {value!r}; it must be a positive int")
         if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
             raise UserError(f"ModelConfig.loss_chunk = {self.loss_chunk!r}; it must be an int "
                             ">= 0 (0 = the whole sequence in one chunk)")

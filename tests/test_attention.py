@@ -53,6 +53,16 @@ def _attention(num_kv_heads, position="none", query_block=0, impl="auto", key_bl
     return Attention(cfg)
 
 
+def _assert_equals_textbook(attn, x, pos, seg, seed):
+    """`attn` with fresh parameters gives _reference_mha's output on the same weights and mask."""
+    params = strip_boxes(attn.init(jax.random.key(seed), x, pos, seg))["params"]
+    got = attn.apply({"params": params}, x, pos, seg)
+    want = _reference_mha(x, params["query"]["kernel"], params["key"]["kernel"],
+                          params["value"]["kernel"], params["out"]["kernel"],
+                          np.asarray(attention_mask(seg)))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 # Query blocks of 2 and 4 over 6 tokens: equal blocks, and a short last block.
 @pytest.mark.parametrize("query_block", [0, 2, 4])
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
@@ -60,13 +70,7 @@ def test_attention_equals_reference_multi_head(num_kv_heads, query_block):
     x = jax.random.normal(jax.random.key(0), (2, 6, 32))
     pos = jnp.tile(jnp.arange(6), (2, 1))
     seg = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]])
-    attn = _attention(num_kv_heads, query_block=query_block)
-    params = strip_boxes(attn.init(jax.random.key(1), x, pos, seg))["params"]
-    got = attn.apply({"params": params}, x, pos, seg)
-    want = _reference_mha(x, params["query"]["kernel"], params["key"]["kernel"],
-                          params["value"]["kernel"], params["out"]["kernel"],
-                          np.asarray(attention_mask(seg)))
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    _assert_equals_textbook(_attention(num_kv_heads, query_block=query_block), x, pos, seg, 1)
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2])
@@ -126,10 +130,4 @@ def test_attention_impls_equal_textbook_attention_over_several_key_blocks(impl):
     x = jax.random.normal(jax.random.key(5), (2, 7, 32))
     pos = jnp.tile(jnp.arange(7), (2, 1))
     seg = jnp.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
-    attn = _attention(2, query_block=3, impl=impl, key_block=2)
-    params = strip_boxes(attn.init(jax.random.key(6), x, pos, seg))["params"]
-    got = attn.apply({"params": params}, x, pos, seg)
-    want = _reference_mha(x, params["query"]["kernel"], params["key"]["kernel"],
-                          params["value"]["kernel"], params["out"]["kernel"],
-                          np.asarray(attention_mask(seg)))
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    _assert_equals_textbook(_attention(2, query_block=3, impl=impl, key_block=2), x, pos, seg, 6)
