@@ -11,15 +11,12 @@ import tempfile
 import time
 
 import jax
-from flax import linen as nn
-
-from paxlike import sharding
-from paxlike.checkpointing import Checkpointer
-from paxlike.data import DataStream
-from paxlike.train_program import TrainProgram
-
 from report import emit  # noqa: E402  (same directory)
 from train_throughput import SHAPES, _config  # noqa: E402  (same directory)
+
+from paxlike.data.stream import DataStream
+from paxlike.train.checkpointing import Checkpointer
+from paxlike.train.program import TrainProgram
 
 
 def main(argv=None) -> None:
@@ -29,12 +26,10 @@ def main(argv=None) -> None:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     config = _config(args.shape, 256, 4, "float32", "none")
-    mesh = sharding.make_mesh(config.mesh)
-    rules = tuple(config.mesh.rules)
+    program = TrainProgram.from_config(config)
     directory = tempfile.mkdtemp()
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            program = TrainProgram(config, mesh, rules)
+        with program.active():
             state = jax.block_until_ready(program.init(jax.random.key(0)))
             stream = DataStream(config.data, "train", 0, 1)
             checkpointer = Checkpointer(directory, every=1, keep=2)

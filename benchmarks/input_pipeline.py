@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from paxlike.data import DataConfig, DataStream
 from report import emit  # same directory
+
+from paxlike.data.stream import DataConfig, DataStream
 
 
 def main(argv=None) -> None:

@@ -21,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-from paxlike.config import ModelConfig  # noqa: E402
-from paxlike.losses import lm_head_loss  # noqa: E402
 from report import emit  # noqa: E402
+
+from paxlike.model.config import ModelConfig  # noqa: E402
+from paxlike.model.losses import lm_head_loss  # noqa: E402
 
 
 def temp_bytes(cfg: ModelConfig, batch: int, seq_len: int, device) -> int:
@@ -57,7 +57,7 @@ def main() -> None:
 
     targets = [("cpu", jax.devices("cpu")[0], "float32")]
     try:
-        from paxlike import topology
+        from paxlike.parallel import topology
 
         targets.insert(0, ("tpu_v4", topology.tpu_target("v4:2x2x1").devices[0], "bfloat16"))
     except Exception as e:  # noqa: BLE001 - no libtpu: CPU figures only

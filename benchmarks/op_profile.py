@@ -22,10 +22,9 @@ import re
 import tempfile
 
 import jax
-
 from report import emit  # noqa: E402  (same directory)
-from train_throughput import (  # noqa: E402  (same directory)
-    _config, _PaxlikeStep, add_shape_arguments, parse_with_gin)
+from train_throughput import (_config, _PaxlikeStep,  # noqa: E402  (same directory)
+                              add_shape_arguments, parse_with_gin)
 
 # Trace events that are the runtime's own bookkeeping, not an HLO op.
 _RUNTIME = re.compile(r"^(\$|ThunkExecutor|SlinkyThreadPool|end: |PjitFunction|CommonPjRt|"

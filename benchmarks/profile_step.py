@@ -16,15 +16,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-
-from paxlike import sharding
-from paxlike.losses import cross_entropy_with_z_loss
-from paxlike.train_program import TrainProgram
-
 from report import emit  # noqa: E402  (same directory)
-from train_throughput import (  # noqa: E402  (same directory)
-    _config, _random_batch, add_shape_arguments, parse_with_gin)
+from train_throughput import (_config, _random_batch,  # noqa: E402  (same directory)
+                              add_shape_arguments, parse_with_gin)
+
+from paxlike.model.losses import cross_entropy_with_z_loss
+from paxlike.train.program import TrainProgram
 
 
 def _median_time(fn, *args, repeats: int) -> float:
@@ -43,10 +40,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args, overrides = parse_with_gin(parser, argv)
     config = _config(args.shape, args.seq_len, args.batch, "float32", "none", overrides)
-    mesh = sharding.make_mesh(config.mesh)
-    rules = tuple(config.mesh.rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        program = TrainProgram(config, mesh, rules)
+    program = TrainProgram.from_config(config)
+    with program.active():
         state = program.init(jax.random.key(0))
         batch = program.device_batch(_random_batch(config, np.random.default_rng(0)))
 

@@ -28,12 +28,11 @@ import time
 
 import jax
 import numpy as np
-from flax import linen as nn
-
-from paxlike import flops, gin_config, sharding
-from paxlike.train_program import TrainProgram
-from paxlike.trainer import TrainConfig
 from report import emit  # same directory
+
+from paxlike import gin_config
+from paxlike.model import flops
+from paxlike.train.program import TrainConfig, TrainProgram
 
 # name -> (model gin file, extra ModelConfig bindings)
 SHAPES = {
@@ -62,7 +61,7 @@ def parse_with_gin(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Name
 def _config(shape: str, seq_len: int, batch: int, dtype: str, remat: str,
             gin_overrides: dict[str, str] | None = None) -> TrainConfig:
     gin_file, extra = SHAPES[shape]
-    overrides = {"MODEL_DIR": "'unused'", "SEQ_LEN": str(seq_len), "BATCH_SIZE": str(batch),
+    overrides = {"SEQ_LEN": str(seq_len), "BATCH_SIZE": str(batch),
                  "MeshConfig.num_devices": "1", "ModelConfig.dtype": repr(dtype),
                  "ModelConfig.remat_policy": repr(remat),
                  **{f"ModelConfig.{k}": str(v) for k, v in extra.items()},
@@ -85,10 +84,8 @@ class _PaxlikeStep:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.mesh = sharding.make_mesh(config.mesh)
-        rules = tuple(config.mesh.rules)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
-            program = TrainProgram(config, self.mesh, rules)
+        self.program = program = TrainProgram.from_config(config)
+        with program.active():
             t0 = time.perf_counter()
             self.step = program.train_step.lower(
                 program.abstract_state, program.abstract_batch).compile()
@@ -102,7 +99,7 @@ class _PaxlikeStep:
 
     def run(self, steps: int) -> float:
         """Seconds per step over `steps` steps."""
-        with jax.set_mesh(self.mesh):
+        with self.program.active():
             t0 = time.perf_counter()
             for _ in range(steps):
                 self.state, metrics = self.step(self.state, self.batch)

@@ -1,4 +1,4 @@
-"""The `paxlike` command: a thin layer of flags over `paxlike.trainer.train`."""
+"""The `paxlike` command: a thin layer of flags over `paxlike.train.trainer.train`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ gin macros every run file understands (set with --gin.NAME=VALUE):
   LOG_EVERY              steps between metrics.jsonl / TensorBoard records
   MAX_BAD_STEPS          non-finite steps in a row (each skipped) before the run stops
   INIT_FROM              model directory whose parameters start a fresh run (None)
-  MODEL_DIR              where checkpoints, metrics and config.gin go (or --model_dir)
+  MODEL_DIR              --model_dir: where checkpoints, metrics and config.gin go
+                         (--gin.MODEL_DIR=DIR or a gin file's binding also work)
 
 exit status: 0 done, 2 bad input (nothing written), 3 too many non-finite steps,
   4 a checkpoint could not be written, 75 preempted (SIGTERM; checkpoint saved, rerun to resume)
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="model gin file by path or by name under gin/ (repeatable)")
     params.add_argument("--json", action="store_true", help="print one JSON object")
 
-    from paxlike.flops import PEAK_FLOPS_BY_HARDWARE
+    from paxlike.model.flops import PEAK_FLOPS_BY_HARDWARE
 
     mfu = commands.add_parser(
         "mfu", help="model FLOPs utilisation of a measured throughput (PaLM Appendix B)",
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     mfu.add_argument("--seq_len", type=int, help="sequence length (default: the model's max_seq_len)")
     mfu.add_argument("--json", action="store_true", help="print one JSON object")
 
-    from paxlike import layouts
+    from paxlike.parallel import layouts
 
     layouts.add_arguments(commands.add_parser(
         "layouts", help="compare sharding layouts: memory, collectives and speed of one train step",
@@ -82,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                     "devices or a TPU topology, e.g. paxlike layouts --gin_file "
                     "models/palm_62b.gin --topology v4:8x8x8 --layout fsdp --layout palm_2d"))
 
-    from paxlike.hf_convert import add_convert_command
+    from paxlike.hf.convert import add_convert_command
 
     add_convert_command(commands)
     for command in commands.choices.values():
@@ -111,16 +112,17 @@ def _fail(message: str) -> None:
 
 
 def _train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
-    from paxlike import distributed, gin_config
-    from paxlike.trainer import TrainConfig, train
+    from paxlike import gin_config
+    from paxlike.parallel import distributed
+    from paxlike.train.trainer import TrainConfig, train
 
     distributed.initialize()  # a no-op unless a launcher set PAXLIKE_* variables
 
-    if args.model_dir:
-        overrides = {**overrides, "MODEL_DIR": args.model_dir}
     gin_config.parse(args.gin_file, overrides)
     config = gin_config.build(TrainConfig)
-    model_dir = gin_config.macro("MODEL_DIR")
+    # The output directory is an argument of train(); as in T5X, --gin.MODEL_DIR or a gin
+    # file binding the macro also gives it.
+    model_dir = args.model_dir or gin_config.macro("MODEL_DIR")
     if not isinstance(model_dir, str) or not model_dir:
         _fail("MODEL_DIR is not set; pass --model_dir DIR (or --gin.MODEL_DIR=DIR)")
     train(config, os.path.expanduser(model_dir), show_progress=False if args.no_progress else None)
@@ -137,8 +139,8 @@ def _params(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     import json
 
     from paxlike import gin_config
-    from paxlike.config import ModelConfig
-    from paxlike.param_count import count_params
+    from paxlike.model.config import ModelConfig
+    from paxlike.model.param_count import count_params
 
     gin_config.parse(args.gin_file, overrides)
     counts = count_params(gin_config.build(ModelConfig))
@@ -158,10 +160,11 @@ def _params(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 def _mfu(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     import json
 
-    from paxlike import flops, gin_config
-    from paxlike.config import ModelConfig
+    from paxlike import gin_config
     from paxlike.errors import UserError
-    from paxlike.param_count import abstract_params
+    from paxlike.model import flops
+    from paxlike.model.config import ModelConfig
+    from paxlike.model.param_count import abstract_params
 
     if args.tokens_per_sec <= 0 or args.chips <= 0 or (args.seq_len is not None and args.seq_len <= 0):
         raise UserError("--tokens_per_sec, --chips and --seq_len must be positive")
@@ -199,14 +202,14 @@ def _mfu(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
 
 def _layouts(args: argparse.Namespace, overrides: dict[str, str]) -> None:
-    from paxlike import layouts
+    from paxlike.parallel import layouts
 
     layouts.run(args, overrides)
 
 
 def _convert(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     from paxlike.errors import UserError
-    from paxlike.hf_convert import run_convert
+    from paxlike.hf.convert import run_convert
 
     if overrides:
         raise UserError("convert takes no --gin.NAME=VALUE overrides")
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     # jax warns that it probed for a TPU; on a CPU or GPU machine that is expected.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     from paxlike.errors import UserError
-    from paxlike.faults import RunHalted
+    from paxlike.train.faults import RunHalted
 
     try:
         {"train": _train, "params": _params, "mfu": _mfu,

@@ -69,6 +69,7 @@ def parse(gin_files: Sequence[str], overrides: dict[str, str]) -> None:
     try:
         gin.parse_config_files_and_bindings(files, [], finalize_config=False)
         for name in overrides:
+            # MODEL_DIR is train's argument; T5X users pass it as a macro, which stays allowed.
             if "." not in name and name != "MODEL_DIR" and not _macro_defined(name):
                 raise UserError(
                     f"--gin.{name}: no gin file given defines the macro {name}; check its "
@@ -85,8 +86,6 @@ def parse(gin_files: Sequence[str], overrides: dict[str, str]) -> None:
 def _check_required_macros() -> None:
     """Names the first macro a gin file marks %gin.REQUIRED that nothing has set."""
     unset = re.findall(r"^(\w+) = %gin\.REQUIRED$", gin.config_str(), flags=re.MULTILINE)
-    if "MODEL_DIR" in unset:
-        raise UserError("MODEL_DIR is not set; pass --model_dir DIR (or --gin.MODEL_DIR=DIR)")
     if unset:
         raise UserError(f"the gin files require macro {unset[0]} but it is not set; pass "
                         f"--gin.{unset[0]}=VALUE (see the gin file's header for what to use)")

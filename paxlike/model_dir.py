@@ -6,7 +6,6 @@ import dataclasses
 import logging
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -14,10 +13,11 @@ from etils import epath
 from gin import config_parser
 
 from paxlike import storage
-from paxlike.checkpointing import STATE
-from paxlike.config import ModelConfig
 from paxlike.errors import UserError
 from paxlike.gin_config import resolve_gin_file
+from paxlike.model import param_tree
+from paxlike.model.config import ModelConfig
+from paxlike.train.checkpointing import STATE, TrainState
 
 CONFIG_FILE = "config.gin"
 CHECKPOINTS = "checkpoints"
@@ -86,7 +86,7 @@ def read_model_config(model_dir: str) -> ModelConfig:
 
 def model_config_gin(cfg: ModelConfig, header: list[str]) -> str:
     """A standalone model gin file binding every architecture field of `cfg` (run fields keep defaults)."""
-    lines = [f"# {line}".rstrip() for line in header] + ["import paxlike.config", ""]
+    lines = [f"# {line}".rstrip() for line in header] + ["import paxlike.model.config", ""]
     for field in dataclasses.fields(ModelConfig):
         if field.name not in RUN_FIELDS:
             lines.append(f"ModelConfig.{field.name} = {getattr(cfg, field.name)!r}")
@@ -118,24 +118,6 @@ def _state_path(model_dir: str) -> epath.Path:
     return epath.Path(storage.absolute(model_dir)) / CHECKPOINTS / str(step) / STATE
 
 
-def flatten(tree: Any) -> dict[str, Any]:
-    """{"layers/attention/query/kernel": leaf, ...} for a nested dict of parameters."""
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """The nested dict of a `flatten`ed one."""
-    tree: dict[str, Any] = {}
-    for name, leaf in flat.items():
-        *parents, last = name.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return tree
-
-
 def load_params(model_dir: str, abstract_params: Any) -> Any:
     """The newest checkpoint's parameters, placed as `abstract_params` (ShapeDtypeStructs with shardings) say.
 
@@ -150,10 +132,10 @@ def load_params(model_dir: str, abstract_params: Any) -> Any:
     # Orbax warns that the step-level metadata is absent when asked about one item; that is fine.
     absl_log.setLevel(logging.ERROR)
     try:
-        stored = flatten(checkpointer.metadata(path).item_metadata.tree["params"])
+        stored = param_tree.flatten(checkpointer.metadata(path).item_metadata.tree["params"])
     finally:
         absl_log.setLevel(level)
-    wanted = flatten(abstract_params)
+    wanted = param_tree.flatten(abstract_params)
     for name in sorted(stored.keys() | wanted.keys()):
         if name not in stored:
             raise UserError(f"parameter {name} of this model is missing from {model_dir}; its "
@@ -175,15 +157,13 @@ def load_params(model_dir: str, abstract_params: Any) -> Any:
 def write_model_dir(model_dir: str, cfg: ModelConfig, params: dict[str, np.ndarray],
                     header: list[str]) -> None:
     """Writes config.gin and a step-0 checkpoint (parameters, empty optimizer state) into `model_dir`."""
-    from paxlike.train_program import TrainState
-
     storage.makedirs(model_dir)
     storage.write_text(storage.join(model_dir, CONFIG_FILE), model_config_gin(cfg, header))
     manager = ocp.CheckpointManager(
         epath.Path(storage.absolute(model_dir)) / CHECKPOINTS,
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
         item_names=(STATE,))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=unflatten(params), opt_state={})
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=param_tree.unflatten(params), opt_state={})
     manager.save(0, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state)}), force=True)
     manager.wait_until_finished()
     manager.close()

@@ -22,9 +22,9 @@ TINY_OVERRIDES = {
 
 def tiny_config(num_devices=1, gin_files=TINY_RUN, **overrides):
     """A TrainConfig for the tiny PaLM run, built through gin as the CLI builds it."""
-    from paxlike.trainer import TrainConfig
+    from paxlike.train.program import TrainConfig
 
-    values = {**TINY_OVERRIDES, "MODEL_DIR": "'unused'", **{k: str(v) for k, v in overrides.items()}}
+    values = {**TINY_OVERRIDES, **{k: str(v) for k, v in overrides.items()}}
     values["MeshConfig.num_devices"] = str(num_devices)
     gin_config.parse(gin_files, values)
     return gin_config.build(TrainConfig)

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paxlike.attention import Attention, attention_mask
-from paxlike.config import ModelConfig
-from paxlike.model import Transformer
-from paxlike.sharding import strip_boxes
+from paxlike.model.attention import Attention, attention_mask
+from paxlike.model.config import ModelConfig
+from paxlike.model.transformer import Transformer
+from paxlike.parallel.sharding import strip_boxes
 
 
 def test_mask_matches_hand_made_packed_batch():

@@ -10,10 +10,10 @@ import pytest
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from paxlike import attention_kernels as kernels
-from paxlike import sharding
-from paxlike.attention import alibi_slopes, attend, causal_attention
-from paxlike.attention_blockwise import blockwise_attention
+from paxlike.model import attention_kernels as kernels
+from paxlike.model.attention import alibi_slopes, attend, causal_attention
+from paxlike.model.attention_blockwise import blockwise_attention
+from paxlike.parallel import sharding
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -129,7 +129,7 @@ def test_splash_shards_batch_and_heads_over_the_mesh():
 
 
 def test_splash_compiles_ahead_of_time_for_a_tpu_slice():
-    from paxlike import topology
+    from paxlike.parallel import topology
 
     try:
         target = topology.tpu_target("v4:2x2x1")

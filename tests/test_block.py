@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paxlike.block import grad_boundary
-from paxlike.config import ModelConfig
-from paxlike.model import Transformer
-from paxlike.sharding import strip_boxes
+from paxlike.model.block import grad_boundary
+from paxlike.model.config import ModelConfig
+from paxlike.model.transformer import Transformer
+from paxlike.parallel.sharding import strip_boxes
 
 
 def test_boundary_passes_values_and_cotangents_through_unchanged():

@@ -325,7 +325,7 @@ def test_run_in_gcs_is_killed_resumes_bit_identically_and_reads_back(gcs, tmp_pa
     # paxlike.load_model, and compares both with the local run.
     check = (
         "import sys, numpy as np, paxlike\n"
-        "from paxlike import cli, hf_convert\n"
+        "from paxlike import cli\nfrom paxlike.hf import convert as hf_convert\n"
         "remote, local, hf_remote, hf_local = sys.argv[1:]\n"
         "cli.main(['convert', 'to-hf', '--model_dir', remote, '--hf_dir', hf_remote])\n"
         "hf_convert.to_hf(local, hf_local)\n"

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import seqio
-
-from paxlike.data import DataConfig, DataStream, vocab_size
-from paxlike.errors import UserError
 import tensorflow as tf
+
+from paxlike.data.stream import DataConfig, DataStream, vocab_size
+from paxlike.errors import UserError
 from paxlike.tasks import default_mixture
 from paxlike.tasks.default_mixture import _split_documents
 

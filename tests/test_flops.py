@@ -4,13 +4,11 @@ import json
 import subprocess
 import sys
 
-import jax
 import pytest
-from flax import linen as nn
 
-from paxlike import flops, gin_config, sharding
-from paxlike.train_program import TrainProgram
-from paxlike.trainer import TrainConfig
+from paxlike import gin_config
+from paxlike.model import flops
+from paxlike.train.program import TrainConfig, TrainProgram
 
 
 def _mfu(*args):
@@ -67,7 +65,7 @@ def test_hardware_flops_count_what_is_recomputed(remat, impl, chunk, extra):
 def _xla_over_analytic(family, hardware=False, **overrides):
     batch, seq = 4, 128
     gin_config.parse([f"models/tiny_{family}.gin", "runs/pretrain.gin"], {
-        "MODEL_DIR": "'unused'", "BATCH_SIZE": str(batch), "SEQ_LEN": str(seq),
+        "BATCH_SIZE": str(batch), "SEQ_LEN": str(seq),
         "MeshConfig.num_devices": "1",
         # XLA's cost analysis counts a while loop's body once, so a scanned stack of
         # L layers would be counted as one layer; compile the layers unrolled.
@@ -79,9 +77,8 @@ def _xla_over_analytic(family, hardware=False, **overrides):
         "ModelConfig.remat_policy": "'none'",
         **{f"ModelConfig.{k}": str(v) for k, v in overrides.items()}})
     config = gin_config.build(TrainConfig)
-    mesh = sharding.make_mesh(config.mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-        program = TrainProgram(config, mesh, tuple(config.mesh.rules))
+    program = TrainProgram.from_config(config)
+    with program.active():
         compiled = program.train_step.lower(program.abstract_state, program.abstract_batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -123,7 +120,7 @@ def test_xla_excess_shrinks_as_matmuls_dominate():
 def test_simulated_cpu_devices_share_the_measured_host_peak(monkeypatch):
     import jax
 
-    from paxlike import flops
+    from paxlike.model import flops
 
     # The measurement itself is timed; fix it so the division is what is tested.
     monkeypatch.setattr(flops, "measure_matmul_peak", lambda device, dtype: 240e9)

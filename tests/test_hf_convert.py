@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import paxlike  # noqa: E402
-from paxlike import hf_convert  # noqa: E402
 from paxlike.errors import UserError  # noqa: E402
-from paxlike.hf_families import FAMILIES  # noqa: E402
+from paxlike.hf import convert as hf_convert  # noqa: E402
+from paxlike.hf.families import FAMILIES  # noqa: E402
 
 VOCAB = 384  # the byte vocabulary padded, so the default data fits
 TOKENS_BT = np.random.default_rng(0).integers(0, VOCAB, (2, 24)).astype(np.int32)
@@ -173,8 +173,8 @@ def _cross_entropy(logits_btv, targets_bt, weights_bt) -> float:
 
 
 def test_continued_pretraining_from_converted_llama(tmp_path, tiny):
-    from paxlike.data import DataStream
-    from paxlike.trainer import train
+    from paxlike.data.stream import DataStream
+    from paxlike.train.trainer import train
 
     _hf_model("llama_gqa", tmp_path / "hf")
     converted = tmp_path / "pax"
@@ -198,7 +198,7 @@ def test_continued_pretraining_from_converted_llama(tmp_path, tiny):
 
 
 def test_init_from_a_different_model_names_the_parameter(tmp_path, tiny):
-    from paxlike.trainer import train
+    from paxlike.train.trainer import train
 
     _hf_model("llama_mha", tmp_path / "hf")  # d_ff 160, 4 K/V heads
     hf_convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "pax"), "llama")

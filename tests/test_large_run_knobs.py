@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import tiny_config
-from paxlike.config import ModelConfig
+
 from paxlike.errors import UserError
-from paxlike.optimizers import OptimizerConfig, decay_mask, learning_rate, make_optimizer
-from paxlike.trainer import train
+from paxlike.model.config import ModelConfig
+from paxlike.train.optimizers import OptimizerConfig, decay_mask, learning_rate, make_optimizer
+from paxlike.train.trainer import train
 
 SHORT = {"TRAIN_STEPS": "3", "CHECKPOINT_EVERY": "100", "BATCH_SIZE": "8"}
 

@@ -5,11 +5,12 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import TINY_OVERRIDES, TINY_RUN, tiny_config
-from paxlike import cli, layouts, sharding, topology
+
+from paxlike import cli
 from paxlike.errors import UserError
-from paxlike.trainer import train
+from paxlike.parallel import layouts, sharding, topology
+from paxlike.train.trainer import train
 
 # tiny_palm with 8 heads of 8, so 8-way tensor parallelism divides the heads.
 EIGHT_HEADS = {"ModelConfig.num_heads": "8", "ModelConfig.head_dim": "8"}
@@ -92,7 +93,7 @@ def test_collectives_follow_theory(report):
 
 
 def test_layout_that_cannot_apply_is_a_row_error(tmp_path):
-    overrides = {**TINY_OVERRIDES, "MODEL_DIR": "unused"}
+    overrides = dict(TINY_OVERRIDES)
     files = [*TINY_RUN, layouts._layout_file("tp")]
     target = topology.local_target(8)
     row = layouts.analyse("tp", files, overrides, target, steps=0)  # tiny_palm: 4 heads, tensor 8
@@ -151,7 +152,7 @@ def test_compiles_for_a_tpu_topology_without_running():
     target = topology.tpu_target("v4:2x2x2")
     assert len(target.devices) == 8 and not target.runnable
     assert target.memory_per_device == 32 * 2**30
-    overrides = {**TINY_OVERRIDES, "MODEL_DIR": "unused"}
+    overrides = dict(TINY_OVERRIDES)
     row = layouts.analyse("fsdp", [*TINY_RUN, layouts._layout_file("fsdp")], overrides, target,
                           steps=3)
     assert "error" not in row, row.get("error")
@@ -163,11 +164,11 @@ def test_compiles_for_a_tpu_topology_without_running():
 
 
 def _param_shapes():
-    from paxlike import gin_config
-    from paxlike.config import ModelConfig
-    from paxlike.param_count import abstract_params
-
     import jax
+
+    from paxlike import gin_config
+    from paxlike.model.config import ModelConfig
+    from paxlike.model.param_count import abstract_params
 
     gin_config.parse(["models/tiny_palm.gin"], {})
     return [leaf.shape for leaf in jax.tree.leaves(abstract_params(gin_config.build(ModelConfig)))]

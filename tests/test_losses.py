@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paxlike import sharding
-from paxlike.config import ModelConfig
 from paxlike.errors import UserError
-from paxlike.losses import cross_entropy_with_z_loss, lm_head_loss, num_loss_chunks
-from paxlike.model import Transformer, head_weights
+from paxlike.model.config import ModelConfig
+from paxlike.model.losses import cross_entropy_with_z_loss, lm_head_loss, num_loss_chunks
+from paxlike.model.transformer import Transformer, head_weights
+from paxlike.parallel import sharding
 
 B, T = 2, 40
 
@@ -109,7 +109,7 @@ def test_compiled_chunked_loss_never_holds_the_full_logits():
 
 
 def test_a_vocabulary_the_tensor_axis_cannot_divide_is_refused():
-    from paxlike.train_program import _check_vocab_shards
+    from paxlike.train.program import _check_vocab_shards
 
     mesh = jax.make_mesh((1, 1, 1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1])
     cfg = ModelConfig.from_fields(vocab_size=256_000)

@@ -10,9 +10,9 @@ import sys
 import time
 
 import numpy as np
-
 from conftest import TINY_OVERRIDES, read_metrics, tiny_config
-from paxlike.trainer import train
+
+from paxlike.train.trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")

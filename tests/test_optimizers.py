@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from paxlike.optimizers import OptimizerConfig, make_optimizer
+from paxlike.train.optimizers import OptimizerConfig, make_optimizer
 
 
 def _tree(seed, scale=1.0):

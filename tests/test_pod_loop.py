@@ -6,12 +6,13 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import read_metrics, tiny_config
-from paxlike.data import FEATURES, DataStream
+
+from paxlike.data.stream import FEATURES, DataStream
 from paxlike.errors import UserError
-from paxlike.prefetch import Prefetcher
-from paxlike.trainer import TrainConfig, train
+from paxlike.train.prefetch import Prefetcher
+from paxlike.train.program import TrainConfig
+from paxlike.train.trainer import train
 
 
 def _batches_equal(a, b):

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_OVERRIDES, TINY_RUN
 from jax import lax
 
-from conftest import TINY_OVERRIDES, TINY_RUN
-from paxlike import collectives, layouts, step_estimate, topology
 from paxlike.errors import UserError
+from paxlike.parallel import collectives, layouts, step_estimate, topology
 
 
 def _flops_match_xla(fn, *args):
@@ -210,7 +210,7 @@ def _tpu(name, num_slices=1):
 
 
 def _row(target, layout="fsdp", **overrides):
-    values = {**TINY_OVERRIDES, "MODEL_DIR": "unused", **{k: str(v) for k, v in overrides.items()}}
+    values = {**TINY_OVERRIDES, **{k: str(v) for k, v in overrides.items()}}
     row = layouts.analyse(layout, [*TINY_RUN, layouts._layout_file(layout)], values, target, steps=0)
     assert "error" not in row, row.get("error")
     return row

@@ -5,12 +5,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import tiny_config
+
 from paxlike import gin_config
-from paxlike.config import ModelConfig
-from paxlike.param_count import count_params
-from paxlike.trainer import train
+from paxlike.model.config import ModelConfig
+from paxlike.model.param_count import count_params
+from paxlike.train.trainer import train
 
 
 def _count(preset):

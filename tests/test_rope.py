@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxlike.embeddings import apply_rope
+from paxlike.model.embeddings import apply_rope
 
 
 def _rope(x_h, position):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import read_metrics, tiny_config
-from paxlike.trainer import train
+from paxlike.train.trainer import train
 
 METRIC_KEYS = {"step", "loss", "z_loss", "grad_norm", "learning_rate", "step_time_s",
                "tokens_per_sec", "tflops_per_device", "mfu"}

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from paxlike.block import Block
-from paxlike.config import ModelConfig
-from paxlike.embeddings import Embed
-from paxlike.norms import Norm
+from paxlike.model.block import Block
+from paxlike.model.config import ModelConfig
+from paxlike.model.embeddings import Embed
+from paxlike.model.norms import Norm
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from paxlike.config import ModelConfig
-from paxlike.model import project_logits
+from paxlike.model.config import ModelConfig
+from paxlike.model.transformer import project_logits
 
 _LOGITS_AXES = ("act_batch", "act_length", "act_vocab")
 

@@ -8,7 +8,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from paxlike.config import ModelConfig
+from paxlike.model import param_tree
+from paxlike.model.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip, matched against jax's `device_kind`. Order
 # matters: the first substring found wins ("v5 lite" before "v5").
@@ -39,8 +40,8 @@ def matmul_params(params_shapes, cfg: ModelConfig | None = None) -> int:
     an untied output projection counts the real vocabulary, not its padded rows.
     """
     total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params_shapes)[0]:
-        keys = [getattr(k, "key", str(k)) for k in path]
+    for name, leaf in param_tree.flatten(params_shapes).items():
+        keys = name.split("/")
         if keys[-1] == "kernel":
             size = math.prod(leaf.shape)
             if cfg is not None and keys[0] == "output_proj":

@@ -12,60 +12,22 @@ import gin
 import jax
 import numpy as np
 import tensorflow as tf
-from flax import linen as nn
 
-from paxlike import flops as flops_lib
-from paxlike import sharding, storage
-from paxlike.checkpointing import Checkpointer, param_shapes
-from paxlike.config import ModelConfig
-from paxlike.data import DataConfig, DataStream, shards_by_process, vocab_size
+from paxlike import storage
+from paxlike.data.stream import DataConfig, DataStream, shards_by_process
 from paxlike.errors import UserError
-from paxlike.faults import (EXIT_DIVERGED, EXIT_PREEMPTED, BadStepCounter, PreemptionWatcher,
-                            RunHalted)
-from paxlike.metrics import MetricsWriter
+from paxlike.model import flops as flops_lib
+from paxlike.model import param_tree
 from paxlike.model_dir import latest_step
-from paxlike.optimizers import OptimizerConfig
-from paxlike.prefetch import Prefetcher
-from paxlike.train_program import TrainProgram, TrainState
+from paxlike.parallel import sharding
+from paxlike.train.checkpointing import Checkpointer, TrainState
+from paxlike.train.faults import (EXIT_DIVERGED, EXIT_PREEMPTED, BadStepCounter, PreemptionWatcher,
+                                  RunHalted)
+from paxlike.train.metrics import MetricsWriter
+from paxlike.train.prefetch import Prefetcher
+from paxlike.train.program import TrainConfig, TrainProgram
 
 log = logging.getLogger("paxlike")
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs; the run gin files bind it."""
-
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
-    train_steps: int = 100
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    eval_every: int = 0  # 0: no periodic evaluation
-    eval_steps: int = 4
-    seed: int = 0  # parameter initialisation
-    max_bad_steps: int = 20  # non-finite steps in a row before the run stops
-    init_from: str | None = None  # a model directory whose parameters start a fresh run
-    # Microbatches per step: gradients summed over them in a scan, the memory of one.
-    grad_accum_steps: int = 1
-    # (first, last): trace these steps with jax.profiler into MODEL_DIR/tensorboard.
-    profile_steps: tuple[int, int] | None = None
-
-    def __post_init__(self):
-        for field in ("train_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                      "grad_accum_steps"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"{field.upper()} = {value!r}; it must be a positive integer")
-        if self.profile_steps is not None:
-            steps = self.profile_steps
-            if (not isinstance(steps, (tuple, list)) or len(steps) != 2 or not all(isinstance(x, int) for x in steps)
-                    or not 1 <= steps[0] <= steps[1]):
-                raise UserError(f"PROFILE_STEPS = {self.profile_steps!r}; give (first, last) "
-                                "steps with 1 <= first <= last, e.g. (5, 7)")
 
 
 @dataclasses.dataclass
@@ -75,29 +37,6 @@ class TrainResult:
     final_step: int
     losses: dict[int, float]  # step -> training cross-entropy at logged steps
     state: TrainState
-
-
-def _check(config: TrainConfig, mesh) -> None:
-    """Rejects configurations that cannot run, before anything touches the disk."""
-    split = sharding.batch_size_divisor(mesh)
-    if config.data.batch_size % split:
-        raise UserError(
-            f"BATCH_SIZE = {config.data.batch_size} is not divisible by the data-parallel size "
-            f"{split} (data x fsdp of MESH_SHAPE); use a multiple of {split}")
-    k = config.grad_accum_steps
-    if config.data.batch_size % (split * k):
-        raise UserError(
-            f"BATCH_SIZE = {config.data.batch_size} does not split into GRAD_ACCUM_STEPS = {k} "
-            f"microbatches over the data-parallel size {split}; use a multiple of {split * k}")
-    if config.data.seq_len > config.model.max_seq_len:
-        raise UserError(
-            f"SEQ_LEN = {config.data.seq_len} exceeds the model's max_seq_len = "
-            f"{config.model.max_seq_len}; lower SEQ_LEN or raise ModelConfig.max_seq_len")
-    data_vocab = vocab_size(config.data)
-    if config.model.vocab_size < data_vocab:
-        raise UserError(
-            f"ModelConfig.vocab_size = {config.model.vocab_size} is smaller than the data's "
-            f"vocabulary ({data_vocab}); set it to at least {data_vocab}")
 
 
 def _validation_batches(program: TrainProgram, config: TrainConfig) -> list[dict[str, jax.Array]]:
@@ -147,7 +86,7 @@ def _first_batch(stream: DataStream, data: DataConfig) -> dict[str, np.ndarray]:
 def _check_same_model(checkpointer: Checkpointer, step: int, program: TrainProgram) -> None:
     """Refuses a checkpoint whose parameters differ in name or shape from this run's model."""
     saved = checkpointer.param_shapes(step)
-    wanted = param_shapes(program.abstract_params)
+    wanted = param_tree.shapes(program.abstract_params)
     for name in sorted(set(saved) | set(wanted)):
         if saved.get(name) != wanted.get(name):
             raise UserError(
@@ -212,9 +151,8 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
     Raises UserError for input that cannot run (before writing anything) and
     RunHalted when the run stops early on purpose (preemption, divergence, a failed save).
     """
-    mesh = sharding.make_mesh(config.mesh)
-    rules = tuple(config.mesh.rules)
-    _check(config, mesh)
+    program = TrainProgram.from_config(config)  # the checks of a runnable config come first
+    mesh, rules = program.mesh, program.rules
     _check_model_dir(model_dir)
     bad_steps = BadStepCounter(config.max_bad_steps)
     stream = _data_stream(config, mesh, rules, "train")
@@ -229,8 +167,7 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
     # Measured (where the device has no table entry) outside the mesh context, on one device.
     peak, peak_source = flops_lib.peak_flops_per_device(jax.local_devices()[0], config.model.dtype)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), PreemptionWatcher() as preemption:
-        program = TrainProgram(config, mesh, rules)
+    with program.active(), PreemptionWatcher() as preemption:
         checkpointer = Checkpointer(storage.join(model_dir, "checkpoints"),
                                     config.checkpoint_every, config.keep_checkpoints)
         try:

@@ -10,21 +10,32 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-import jax
+import flax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
 from paxlike import storage
 from paxlike.errors import UserError
-from paxlike.faults import EXIT_CHECKPOINT_FAILED, RunHalted
+from paxlike.model import param_tree
+from paxlike.train.faults import EXIT_CHECKPOINT_FAILED, RunHalted
 
 if TYPE_CHECKING:
     # Only a type here: reading model directories (paxlike convert, load_model) needs no
     # input pipeline, and importing one costs TensorFlow's start-up.
-    from paxlike.data import DataStream
+    from paxlike.data.stream import DataStream
 
 STATE = "state"
 DATA = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Step counter, parameters and optimizer state: everything a checkpoint holds besides the data position."""
+
+    step: jnp.ndarray
+    params: Any
+    opt_state: Any
 
 
 class DataStreamHandler(ocp.CheckpointHandler):
@@ -116,7 +127,7 @@ class Checkpointer:
     def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """'path/to/param' -> shape of every parameter saved at `step`, from the metadata alone."""
         metadata = self._manager.item_metadata(step)[STATE]
-        return param_shapes(metadata["params"])
+        return param_tree.shapes(metadata["params"])
 
     def restore(self, step: int, abstract_state: Any, stream: DataStream) -> Any:
         """Loads the state at `step` into the shardings of `abstract_state`, and moves `stream` there."""
@@ -147,12 +158,6 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
-
-
-def param_shapes(params) -> dict[str, tuple[int, ...]]:
-    """'path/to/param' -> shape for a parameter tree (arrays, abstract values or Orbax metadata)."""
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _is_abandoned_read(unraisable) -> bool:

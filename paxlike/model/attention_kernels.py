@@ -94,8 +94,8 @@ def _splash_kernel(num_heads: int, length: int, block: int, mqa: bool, interpret
     """The splash kernel for one device's shard of heads, causal over `length` positions."""
     # Built inside each trace, so its mask tables are constants of that trace (the
     # numpy work behind them is cached by the mask library).
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as splash, splash_attention_mask as masks)
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     causal = masks.CausalMask(shape=(length, length))
     sizes = splash.BlockSizes(
@@ -111,8 +111,7 @@ def splash_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarr
                      segment_ids_bt: jnp.ndarray, key_block: int,
                      interpret: bool = False) -> jnp.ndarray:
     """Causal, segment-masked attention by the Pallas splash kernel, one shard per device."""
-    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
-        SegmentIds)
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     b, t, n, _ = q_btnh.shape
     num_kv = k_bskh.shape[2]

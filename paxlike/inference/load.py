@@ -9,9 +9,9 @@ import jax
 import numpy as np
 
 from paxlike import model_dir as model_dir_lib
-from paxlike.config import ModelConfig
-from paxlike.model import Transformer
-from paxlike.param_count import abstract_params
+from paxlike.model.config import ModelConfig
+from paxlike.model.param_count import abstract_params
+from paxlike.model.transformer import Transformer
 
 
 class LanguageModel:

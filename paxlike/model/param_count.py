@@ -8,9 +8,10 @@ from collections import defaultdict
 import jax
 import jax.numpy as jnp
 
-from paxlike.config import ModelConfig
-from paxlike.model import Transformer
-from paxlike.sharding import strip_boxes
+from paxlike.model import param_tree
+from paxlike.model.config import ModelConfig
+from paxlike.model.transformer import Transformer
+from paxlike.parallel.sharding import strip_boxes
 
 # Top-level modules whose parameters are vocabulary or position tables.
 EMBEDDING_MODULES = ("token_embed", "position_embed", "output_proj")
@@ -34,8 +35,8 @@ def count_params(cfg: ModelConfig) -> dict:
     """
     by_module: dict[str, int] = defaultdict(int)
     embedding = padding = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
-        keys = [str(getattr(k, "key", k)) for k in path]
+    for name, leaf in param_tree.flatten(abstract_params(cfg)).items():
+        keys = name.split("/")
         size = math.prod(leaf.shape)
         if keys[0] in VOCAB_MODULES:
             real = size // cfg.padded_vocab_size * cfg.vocab_size

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (config.json + safetensors) <-> paxlike model directories, driven by hf_families' tables."""
+"""Hugging Face checkpoints (config.json + safetensors) <-> paxlike model directories, driven by the tables of paxlike.hf.families."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import numpy as np
 
 from paxlike import model_dir as model_dir_lib
 from paxlike import storage
-from paxlike.config import ModelConfig
 from paxlike.errors import UserError
-from paxlike.hf_families import FAMILIES, REQUIRED, TRAINING_FIELDS, Family, TensorRule
+from paxlike.hf.families import FAMILIES, REQUIRED, TRAINING_FIELDS, Family, TensorRule
+from paxlike.model import param_tree
+from paxlike.model.config import ModelConfig
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -171,9 +172,9 @@ def _fuse(rule: TensorRule, pieces: list[np.ndarray], sizes: dict[str, int]) -> 
 
 def _applicable(family: Family, cfg: ModelConfig) -> tuple[dict[str, Any], list[TensorRule]]:
     """The model's abstract parameters and the rules whose parameters all exist in it."""
-    from paxlike.param_count import abstract_params
+    from paxlike.model.param_count import abstract_params
 
-    abstract = model_dir_lib.flatten(abstract_params(cfg))
+    abstract = param_tree.flatten(abstract_params(cfg))
     return abstract, [r for r in family.tensors if all(p in abstract for p in r.params)]
 
 
@@ -302,7 +303,7 @@ def to_hf(model_dir: str, hf_dir: str, family_name: str | None = None) -> Family
     """Writes the newest checkpoint of paxlike `model_dir` as config.json + model.safetensors into `hf_dir`."""
     import jax
 
-    from paxlike.param_count import abstract_params
+    from paxlike.model.param_count import abstract_params
 
     cfg = model_dir_lib.read_model_config(model_dir)
     family = FAMILIES[family_name] if family_name else family_of(cfg)
@@ -321,7 +322,7 @@ def to_hf(model_dir: str, hf_dir: str, family_name: str | None = None) -> Family
     device = jax.sharding.SingleDeviceSharding(host)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             abstract_params(cfg))
-    params = model_dir_lib.flatten(model_dir_lib.load_params(model_dir, abstract))
+    params = param_tree.flatten(model_dir_lib.load_params(model_dir, abstract))
     tensors = params_to_hf(family, cfg, {k: np.asarray(v) for k, v in params.items()})
     safetensors_numpy = _safetensors_numpy()
     storage.makedirs(hf_dir)

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from paxlike import attention_kernels as kernels
-from paxlike.attention_blockwise import blockwise_attention
-from paxlike.config import ModelConfig
-from paxlike.dense import DenseGeneral
-from paxlike.embeddings import apply_rope
+from paxlike.model import attention_kernels as kernels
+from paxlike.model.attention_blockwise import blockwise_attention
+from paxlike.model.config import ModelConfig
+from paxlike.model.dense import DenseGeneral
+from paxlike.model.embeddings import apply_rope
 
 
 def attention_mask(segment_ids_bt: jnp.ndarray) -> jnp.ndarray:

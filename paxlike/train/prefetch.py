@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from paxlike.data import DataStream
+from paxlike.data.stream import DataStream
 
 HostBatch = dict[str, np.ndarray]
 

@@ -13,8 +13,8 @@ import time
 from typing import Any, Sequence
 
 from paxlike import gin_config, storage
-from paxlike.collectives import KINDS
 from paxlike.errors import UserError
+from paxlike.parallel.collectives import KINDS
 
 # A model file alone does not bind a run; this run file supplies data, optimizer and mesh.
 BASE_RUN = "runs/pretrain.gin"
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> None:
             storage.check_access(output)
     layouts = [(name, _layout_file(name)) for name in args.layout]
     _prepare_devices(args)
-    from paxlike import topology
+    from paxlike.parallel import topology
 
     target = (topology.tpu_target(args.topology, args.num_slices) if args.topology
               else topology.local_target(args.devices))
@@ -114,7 +114,7 @@ def analyse(layout: str, gin_files: Sequence[str], overrides: dict[str, str], ta
                            "device_memory_bytes": target.memory_per_device,
                            "device_memory_source": target.memory_source}
     try:
-        _analyse(row, gin_files, {**overrides, "MODEL_DIR": "'unused'"}, target, steps)
+        _analyse(row, gin_files, overrides, target, steps)
     except (UserError, ValueError, TypeError, RuntimeError, NotImplementedError) as e:
         message = _one_line(e)
         if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower():
@@ -128,19 +128,15 @@ def analyse(layout: str, gin_files: Sequence[str], overrides: dict[str, str], ta
 
 
 def _analyse(row: dict[str, Any], gin_files, overrides, target, steps: int) -> None:
-    import jax
-    from flax import linen as nn
-
-    from paxlike import collectives, sharding, step_estimate
-    from paxlike import flops as flops_lib
-    from paxlike.train_program import TrainProgram
-    from paxlike.trainer import TrainConfig, _check
+    from paxlike.model import flops as flops_lib
+    from paxlike.parallel import collectives, step_estimate
+    from paxlike.train.program import TrainConfig, TrainProgram
 
     gin_config.parse(gin_files, overrides)
     config = gin_config.build(TrainConfig)
-    mesh = sharding.make_mesh(config.mesh, list(target.devices))
-    rules = tuple(config.mesh.rules)
-    _check(config, mesh)
+    # Abstract: nothing is allocated yet (the devices may be a described TPU slice).
+    program = TrainProgram.from_config(config, list(target.devices))
+    mesh = program.mesh
     row["mesh"] = {k: v for k, v in mesh.shape.items() if v > 1} or {"data": 1}
     row["batch_size"], row["seq_len"] = config.data.batch_size, config.data.seq_len
     device = target.devices[0]
@@ -149,8 +145,7 @@ def _analyse(row: dict[str, Any], gin_files, overrides, target, steps: int) -> N
     # the mesh context, on one device, once per dtype.
     peak = (flops_lib.device_peak_flops(device) if generation
             else _peak_flops(device, config.model.dtype) if target.runnable else (None, "unknown"))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        program = TrainProgram(config, mesh, rules)  # abstract: nothing is allocated yet
+    with program.active():
         shardings = program.state_shardings
         row["param_bytes_per_device"] = _tree_bytes(program.abstract_params, shardings.params)
         row["opt_state_bytes_per_device"] = _tree_bytes(program.abstract_state.opt_state,
@@ -201,7 +196,7 @@ def _analyse(row: dict[str, Any], gin_files, overrides, target, steps: int) -> N
 
 @functools.lru_cache(maxsize=None)
 def _peak_flops(device, dtype: str) -> tuple[float, str]:
-    from paxlike import flops as flops_lib
+    from paxlike.model import flops as flops_lib
 
     return flops_lib.peak_flops_per_device(device, dtype)
 
@@ -211,8 +206,8 @@ def _time_steps(program, compiled, config, mesh, steps: int, flops_per_token: fl
     """Runs `steps` train steps on the default data; times those after the first."""
     import jax
 
-    from paxlike import flops as flops_lib
-    from paxlike.data import DataStream
+    from paxlike.data.stream import DataStream
+    from paxlike.model import flops as flops_lib
 
     stream = DataStream(config.data, "train", jax.process_index(), jax.process_count())
     state = program.init(jax.random.key(config.seed))

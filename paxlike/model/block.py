@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from paxlike.attention import Attention
-from paxlike.config import ModelConfig
-from paxlike.mlp import Mlp
-from paxlike.norms import Norm
+from paxlike.model.attention import Attention
+from paxlike.model.config import ModelConfig
+from paxlike.model.mlp import Mlp
+from paxlike.model.norms import Norm
 
 _ACT_BTD = ("act_batch", "act_length", "act_embed")
 

@@ -1,35 +1,93 @@
-"""The sharded train program: model + optimizer, their shardings, and the jitted init / train / eval steps."""
+"""The one owner of the train step: TrainConfig, its checks, and the mesh, shardings and jitted init / train / eval functions built from it.
+
+The trainer, `paxlike layouts`, the benchmarks and the tests all build their step here
+(`TrainProgram.from_config`), so what they measure is what a run executes.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
 
-import flax
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
 
-from paxlike import sharding
-from paxlike.data import FEATURES
+from paxlike.data.stream import FEATURES, DataConfig, vocab_size
 from paxlike.errors import UserError
-from paxlike.losses import lm_head_loss
-from paxlike.model import Transformer, head_weights
-from paxlike.optimizers import learning_rate, make_optimizer
+from paxlike.model import param_tree
+from paxlike.model.config import ModelConfig
+from paxlike.model.losses import lm_head_loss
+from paxlike.model.transformer import Transformer, head_weights
+from paxlike.parallel import sharding
+from paxlike.train.checkpointing import TrainState
+from paxlike.train.optimizers import OptimizerConfig, learning_rate, make_optimizer
 
-if TYPE_CHECKING:
-    from paxlike.trainer import TrainConfig
+Mesh = jax.sharding.Mesh
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Step counter, parameters and optimizer state: everything a checkpoint holds."""
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; the run gin files bind it."""
 
-    step: jnp.ndarray
-    params: Any
-    opt_state: Any
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
+    train_steps: int = 100
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic evaluation
+    eval_steps: int = 4
+    seed: int = 0  # parameter initialisation
+    max_bad_steps: int = 20  # non-finite steps in a row before the run stops
+    init_from: str | None = None  # a model directory whose parameters start a fresh run
+    # Microbatches per step: gradients summed over them in a scan, the memory of one.
+    grad_accum_steps: int = 1
+    # (first, last): trace these steps with jax.profiler into MODEL_DIR/tensorboard.
+    profile_steps: tuple[int, int] | None = None
 
+    def __post_init__(self):
+        for field in ("train_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                      "grad_accum_steps"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{field.upper()} = {value!r}; it must be a positive integer")
+        if self.profile_steps is not None:
+            steps = self.profile_steps
+            if (not isinstance(steps, (tuple, list)) or len(steps) != 2 or not all(isinstance(x, int) for x in steps)
+                    or not 1 <= steps[0] <= steps[1]):
+                raise UserError(f"PROFILE_STEPS = {self.profile_steps!r}; give (first, last) "
+                                "steps with 1 <= first <= last, e.g. (5, 7)")
+
+
+def check_runnable(config: TrainConfig, mesh: Mesh) -> None:
+    """Rejects configurations that cannot run, before anything touches the disk."""
+    split = sharding.batch_size_divisor(mesh)
+    if config.data.batch_size % split:
+        raise UserError(
+            f"BATCH_SIZE = {config.data.batch_size} is not divisible by the data-parallel size "
+            f"{split} (data x fsdp of MESH_SHAPE); use a multiple of {split}")
+    k = config.grad_accum_steps
+    if config.data.batch_size % (split * k):
+        raise UserError(
+            f"BATCH_SIZE = {config.data.batch_size} does not split into GRAD_ACCUM_STEPS = {k} "
+            f"microbatches over the data-parallel size {split}; use a multiple of {split * k}")
+    if config.data.seq_len > config.model.max_seq_len:
+        raise UserError(
+            f"SEQ_LEN = {config.data.seq_len} exceeds the model's max_seq_len = "
+            f"{config.model.max_seq_len}; lower SEQ_LEN or raise ModelConfig.max_seq_len")
+    data_vocab = vocab_size(config.data)
+    if config.model.vocab_size < data_vocab:
+        raise UserError(
+            f"ModelConfig.vocab_size = {config.model.vocab_size} is smaller than the data's "
+            f"vocabulary ({data_vocab}); set it to at least {data_vocab}")
 
 
 def _opt_state_shardings(abstract_opt_state, param_shardings, abstract_params, mesh):
@@ -37,11 +95,12 @@ def _opt_state_shardings(abstract_opt_state, param_shardings, abstract_params, m
     by_path = {}
     for (path, leaf), shard in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                                    jax.tree_util.tree_leaves(param_shardings)):
-        by_path[tuple(path)] = (leaf.shape, shard)
+        by_path[param_tree.path_names(path)] = (leaf.shape, shard)
 
     def pick(path, leaf):
-        for start in range(len(path)):
-            hit = by_path.get(tuple(path[start:]))
+        names = param_tree.path_names(path)
+        for start in range(len(names)):
+            hit = by_path.get(names[start:])
             if hit is not None and hit[0] == leaf.shape:
                 return hit[1]
         return sharding.replicated(mesh)
@@ -66,8 +125,28 @@ def _check_vocab_shards(cfg, mesh, rules) -> None:
 class TrainProgram:
     """The model, optimizer and their jitted, sharded init / train / eval functions."""
 
-    def __init__(self, config: "TrainConfig", mesh, rules):
-        """Traces nothing yet: builds abstract state, shardings and the jitted functions (call under the mesh)."""
+    @classmethod
+    def from_config(cls, config: TrainConfig,
+                    devices: Sequence[jax.Device] | None = None) -> "TrainProgram":
+        """The program of `config` on `devices` (default: all): mesh, rule table and checks included.
+
+        Raises UserError for a configuration that cannot run on that mesh, before
+        anything is allocated or written. Nothing is traced or compiled yet.
+        """
+        mesh = sharding.make_mesh(config.mesh, devices)
+        rules = tuple(config.mesh.rules)
+        check_runnable(config, mesh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return cls(config, mesh, rules)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The mesh and rule table in force: trace, compile and run the program's functions inside."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def __init__(self, config: TrainConfig, mesh: Mesh, rules: tuple):
+        """Builds abstract state, shardings and the jitted functions; prefer `from_config`."""
         self.config, self.mesh, self.rules = config, mesh, rules
         platform = mesh.devices.flat[0].platform
         self.model_config = config.model.for_platform(platform)

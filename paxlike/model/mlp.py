@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from paxlike.config import ModelConfig
-from paxlike.dense import DenseGeneral
+from paxlike.model.config import ModelConfig
+from paxlike.model.dense import DenseGeneral
 
 # The nonlinearity of each MLP variant (applied to the gate for GLU variants).
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {

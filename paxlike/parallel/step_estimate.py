@@ -2,7 +2,7 @@
 
 Compute time is the program's dot/convolution FLOPs per chip over the chip's peak;
 communication time is the bytes each chip sends (ring algorithms, see
-paxlike.collectives) over the bandwidth a ring gets on that generation's ICI, plus the
+paxlike.parallel.collectives) over the bandwidth a ring gets on that generation's ICI, plus the
 bytes that cross slices over its DCN bandwidth. The step takes at least the longer of
 the two (communication hidden entirely behind compute, or the reverse) and at most
 their sum (nothing overlapped). Neither bound models memory bandwidth, elementwise

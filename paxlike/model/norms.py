@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from paxlike.config import ModelConfig
+from paxlike.model.config import ModelConfig
 
 
 class Norm(nn.Module):

@@ -1,0 +1,1 @@
+"""Checkpointable, per-process seqio input streams."""

@@ -1,0 +1,1 @@
+"""Using trained models: loading a model directory (decoding comes here)."""

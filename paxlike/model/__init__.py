@@ -1,0 +1,1 @@
+"""The Flax decoder-only Transformer: its configuration, layers, loss, parameter and FLOP counts."""

@@ -1,0 +1,1 @@
+"""The train program, the step loop, optimizers, checkpoints, metrics and faults."""
