@@ -87,3 +87,28 @@ def test_processes_reading_shards_rebuild_the_single_process_batch():
 def test_unknown_task_is_a_user_error():
     with pytest.raises(UserError, match="not a registered seqio Task or Mixture"):
         DataStream(DataConfig(mixture_or_task_name="no_such_task"), "train", 0, 1)
+
+
+def _split_target_tokens(name: str, seq_len: int, split: str) -> int:
+    """Target tokens of a split: every document of every Task of the Mixture, counted by seqio alone."""
+    total = 0
+    for task in seqio.get_mixture_or_task(name).tasks:
+        ds = task.get_dataset({"targets": seq_len}, split=split, shuffle=False, num_epochs=1)
+        total += int(sum(len(ex["targets"]) for ex in ds))
+    return total
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_a_finite_stream_covers_the_split_once_in_full_batches(num_shards):
+    # Batch 6 of 3 shards gives 2-row slices; shards run out at different batches and
+    # the last batches are short: padding rows carry zero weight and segment 0.
+    config = DataConfig(seq_len=64, batch_size=6, num_shards=num_shards)
+    stream = DataStream(config, "validation", 0, 1, shuffle=False, num_epochs=1)
+    batches = list(stream)
+    assert all(b[k].shape == (6, 64) for b in batches for k in b)
+    weights = sum(int(b["decoder_loss_weights"].sum()) for b in batches)
+    assert weights == _split_target_tokens("default_mixture", 64, "validation")
+    for b in batches:  # rows that hold no document are padding: nothing in them is scored
+        padding = b["decoder_segment_ids"].sum(axis=1) == 0
+        assert not b["decoder_loss_weights"][padding].any()
+    assert next(stream, None) is None  # one pass, then the stream stays ended

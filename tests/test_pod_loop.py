@@ -84,3 +84,16 @@ def test_evaluation_keeps_its_own_schedule(tmp_path):
     assert sorted(records) == [3, 4, 6, 8]
     assert [s for s in sorted(records) if "eval_loss" in records[s]] == [3, 6]
     assert all(np.isfinite(records[s]["eval_loss"]) for s in (3, 6))
+    # EVAL_STEPS = None: every target token of the validation split is scored, once.
+    want = sum(int(b["decoder_loss_weights"].sum()) for b in DataStream(
+        config.data, "validation", 0, 1, shuffle=False, num_epochs=1))
+    assert records[3]["eval_tokens"] == records[6]["eval_tokens"] == want
+
+
+def test_evaluation_of_a_fixed_number_of_batches(tmp_path):
+    config = tiny_config(TRAIN_STEPS=2, LOG_EVERY=1, EVAL_EVERY=2, EVAL_STEPS=3)
+    train(config, str(tmp_path), show_progress=False)
+    record = read_metrics(str(tmp_path))[-1]
+    stream = DataStream(config.data, "validation", 0, 1, shuffle=False)
+    assert record["eval_tokens"] == sum(int(next(stream)["decoder_loss_weights"].sum())
+                                        for _ in range(3))

@@ -71,19 +71,39 @@ def vocab_size(config: DataConfig) -> int:
 
 
 def _shard_dataset(config: DataConfig, split: str, shard: int, num_shards: int,
-                   shuffle: bool) -> tf.data.Dataset:
-    ds = seqio.get_dataset(
-        config.mixture_or_task_name,
+                   shuffle: bool, num_epochs: int | None = None) -> tf.data.Dataset:
+    provider = get_provider(config)
+    if num_epochs is not None and isinstance(provider, seqio.Mixture):
+        # A finite pass reads each Task of a Mixture whole, one after another: seqio's
+        # mixing stops at the first Task to run out, which would score only part of a split.
+        parts = [_packed(config, task.name, split, shard, num_shards, shuffle, num_epochs)
+                 for task in provider.tasks if split in task.splits]
+        if not parts:
+            raise UserError(f"no Task of {config.mixture_or_task_name!r} has a {split!r} split")
+        ds = parts[0]
+        for part in parts[1:]:
+            ds = ds.concatenate(part)
+    else:
+        ds = _packed(config, config.mixture_or_task_name, split, shard, num_shards, shuffle,
+                     num_epochs)
+    # A finite pass (evaluation) keeps its last, short batch; the stream pads it.
+    return ds.batch(config.batch_size // num_shards, drop_remainder=num_epochs is None)
+
+
+def _packed(config: DataConfig, name: str, split: str, shard: int, num_shards: int,
+            shuffle: bool, num_epochs: int | None) -> tf.data.Dataset:
+    """Packed LM rows of one shard of a Task or Mixture."""
+    return seqio.get_dataset(
+        name,
         task_feature_lengths={"targets": config.seq_len},
         feature_converter=seqio.LMFeatureConverter(pack=True),
         dataset_split=split,
         shuffle=shuffle,
-        num_epochs=None,
+        num_epochs=num_epochs,
         shard_info=seqio.ShardInfo(index=shard, num_shards=num_shards) if num_shards > 1 else None,
         seed=config.seed + shard,
         verbose=False,
     )
-    return ds.batch(config.batch_size // num_shards, drop_remainder=True)
 
 
 def contiguous_shards(num_shards: int, process_index: int, process_count: int) -> range:
@@ -135,11 +155,15 @@ class DataStream:
     is saved per shard, so a run can resume on another number of processes that read
     the same shards; batches already read but not yet trained on (a prefetch queue's)
     are saved with it and come first after a restore.
+
+    With `num_epochs` set (evaluation), the stream ends after that many passes over the
+    split: a shard that runs out first, and the last short batch, are filled with rows of
+    zero loss weight, so every batch keeps its shape.
     """
 
     def __init__(self, config: DataConfig, split: str, process_index: int, process_count: int,
                  shuffle: bool = True, shards: Sequence[int] | None = None,
-                 writes: Sequence[int] | None = None):
+                 writes: Sequence[int] | None = None, num_epochs: int | None = None):
         get_provider(config)
         num_shards = config.num_shards or process_count
         if shards is None:
@@ -152,14 +176,17 @@ class DataStream:
         # The shards whose position this process writes (each shard by one process).
         self.writes = tuple(self.shards if writes is None else writes)
         self._rows = config.batch_size // num_shards
+        self._seq_len = config.seq_len
         self._num_shards = num_shards
         self._process_index = process_index
+        self._finite = num_epochs is not None
         # Per shard: rows already read from its iterator that the stream must yield again.
         self._replay: list[collections.deque] = [collections.deque() for _ in self.shards]
         try:
             with tf.device("/cpu:0"):
                 self._iterators = [
-                    iter(_shard_dataset(config, split, s, num_shards, shuffle)) for s in self.shards]
+                    iter(_shard_dataset(config, split, s, num_shards, shuffle, num_epochs))
+                    for s in self.shards]
         except (ValueError, tf.errors.NotFoundError) as e:
             # seqio raises these when a split or file pattern has nothing behind it.
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -171,9 +198,24 @@ class DataStream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        parts = [replay.popleft() if replay else {k: v.numpy() for k, v in next(it).items()}
+        if not self._finite:
+            parts = [replay.popleft() if replay else {k: v.numpy() for k, v in next(it).items()}
+                     for replay, it in zip(self._replay, self._iterators)]
+            return {k: np.concatenate([p[k] for p in parts], axis=0) for k in FEATURES}
+        parts = [replay.popleft() if replay else next(it, None)
                  for replay, it in zip(self._replay, self._iterators)]
-        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in FEATURES}
+        if all(p is None for p in parts):
+            raise StopIteration
+        return {k: np.concatenate([self._padded(p, k) for p in parts], axis=0) for k in FEATURES}
+
+    def _padded(self, part, feature: str) -> np.ndarray:
+        """One shard's rows of `feature`, zero rows (weight 0, segment 0) filling a short or absent batch."""
+        rows = np.zeros((0, self._seq_len), np.int32) if part is None else np.asarray(part[feature])
+        if rows.shape[0] == self._rows:
+            return rows
+        filled = np.zeros((self._rows, self._seq_len), np.int32)
+        filled[:rows.shape[0]] = rows
+        return filled
 
     def _split(self, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """A batch of this process's rows -> each shard's rows."""

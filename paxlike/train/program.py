@@ -44,7 +44,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic evaluation
-    eval_steps: int = 4
+    eval_steps: int | None = None  # batches per evaluation; None: the whole validation split
     seed: int = 0  # parameter initialisation
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops
     init_from: str | None = None  # a model directory whose parameters start a fresh run
@@ -59,6 +59,11 @@ class TrainConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{field.upper()} = {value!r}; it must be a positive integer")
+        if self.eval_steps is not None and (not isinstance(self.eval_steps, int)
+                                            or isinstance(self.eval_steps, bool)
+                                            or self.eval_steps < 1):
+            raise UserError(f"EVAL_STEPS = {self.eval_steps!r}; give a positive number of "
+                            "batches, or None for the whole validation split")
         if self.profile_steps is not None:
             steps = self.profile_steps
             if (not isinstance(steps, (tuple, list)) or len(steps) != 2 or not all(isinstance(x, int) for x in steps)

@@ -12,6 +12,7 @@ import gin
 import jax
 import numpy as np
 import tensorflow as tf
+from jax.experimental import multihost_utils
 
 from paxlike import storage
 from paxlike.data.stream import DataConfig, DataStream, shards_by_process
@@ -39,19 +40,37 @@ class TrainResult:
     state: TrainState
 
 
-def _validation_batches(program: TrainProgram, config: TrainConfig) -> list[dict[str, jax.Array]]:
-    """The first EVAL_STEPS batches of the validation split, read once and reused at every eval."""
-    stream = _data_stream(config, program.mesh, program.rules, "validation", shuffle=False)
-    return [program.device_batch(next(stream)) for _ in range(config.eval_steps)]
+def _validation_batches(program: TrainProgram, config: TrainConfig) -> list[dict[str, np.ndarray]]:
+    """This process's rows of the validation batches: the whole split, or its first EVAL_STEPS batches.
+
+    Read once, kept on the host and reused at every evaluation. Every process must run
+    the same number of eval steps (each is a collective), so a whole-split pass is as
+    long as the longest process's, the others padded with rows of zero weight.
+    """
+    whole = config.eval_steps is None
+    stream = _data_stream(config, program.mesh, program.rules, "validation", shuffle=False,
+                          num_epochs=1 if whole else None)
+    if not whole:
+        return [next(stream) for _ in range(config.eval_steps)]
+    batches = list(stream)
+    count = len(batches)
+    if jax.process_count() > 1:
+        count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+    empty = {k: np.zeros_like(v) for k, v in batches[0].items()} if batches else None
+    if empty is None:
+        raise UserError(f"the validation split of {config.data.mixture_or_task_name!r} is empty; "
+                        "set EVAL_EVERY = 0 or give the Task a validation split")
+    return batches + [empty] * (count - len(batches))
 
 
-def _evaluate(program: TrainProgram, params, batches) -> float:
+def _evaluate(program: TrainProgram, params, batches) -> tuple[float, float]:
+    """(mean cross-entropy per target token, target tokens scored) over `batches`."""
     ce_sum = weight = 0.0
     for batch in batches:
-        out = program.eval_step(params, batch)
+        out = program.eval_step(params, program.device_batch(batch))
         ce_sum += float(out["ce_sum"])
         weight += float(out["weight"])
-    return ce_sum / max(weight, 1.0)
+    return ce_sum / max(weight, 1.0), weight
 
 
 def _check_model_dir(model_dir: str) -> None:
@@ -130,7 +149,8 @@ def _write_config(model_dir: str, config: TrainConfig) -> None:
                            gin.operative_config_str() or f"# {config!r}\n")
 
 
-def _data_stream(config: TrainConfig, mesh, rules, split: str, shuffle: bool = True) -> DataStream:
+def _data_stream(config: TrainConfig, mesh, rules, split: str, shuffle: bool = True,
+                 num_epochs: int | None = None) -> DataStream:
     """This process's input stream: the data shards whose batch rows its devices hold."""
     batch = sharding.batch_sharding(mesh, rules)
     num_shards = config.data.num_shards or jax.process_count()
@@ -142,7 +162,7 @@ def _data_stream(config: TrainConfig, mesh, rules, split: str, shuffle: bool = T
     me = jax.process_index()
     mine = by_process[me]
     return DataStream(config.data, split, me, jax.process_count(), shuffle=shuffle, shards=mine,
-                      writes=[s for s in mine if owner[s] == me])
+                      writes=[s for s in mine if owner[s] == me], num_epochs=num_epochs)
 
 
 def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None) -> TrainResult:
@@ -250,6 +270,7 @@ class _Dispatched:
     step: int
     metrics: dict
     eval_loss: float | None = None
+    eval_tokens: float = 0.0
 
 
 def _loop(run: _Run, state: TrainState, start: int) -> TrainResult:
@@ -293,6 +314,7 @@ def _loop(run: _Run, state: TrainState, start: int) -> TrainResult:
                 peak_flops_per_device=run.peak, peak_source=run.peak_source)
             if done.eval_loss is not None:
                 scalars["eval_loss"] = done.eval_loss
+                scalars["eval_tokens"] = done.eval_tokens
             losses[done.step] = scalars["loss"]
             run.writer.write(done.step, scalars)
             window = _Window()
@@ -310,7 +332,8 @@ def _loop(run: _Run, state: TrainState, start: int) -> TrainResult:
         if config.eval_every and step % config.eval_every == 0:
             with window.timing("eval_s"):
                 eval_batches = eval_batches or _validation_batches(program, config)
-                current.eval_loss = _evaluate(program, state.params, eval_batches)
+                current.eval_loss, current.eval_tokens = _evaluate(program, state.params,
+                                                                   eval_batches)
         if previous is not None:
             finish(previous)  # the previous step is done or nearly: this one is queued behind it
         profile.after(step, state)
