@@ -1,7 +1,9 @@
 """The loop on a pod: input overlapped with compute, goodput attributed, read-ahead batches kept in checkpoints."""
 
 import os
+import random
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -38,6 +40,72 @@ def test_checkpointed_position_is_the_next_unconsumed_batch():
         resumed.restore(directory)
         # The read-ahead batches come back first, then the stream continues after them.
         assert all(_batches_equal(next(resumed), w) for w in want[3:8])
+
+
+def test_positions_saved_at_random_moments_while_reading_ahead_are_exact(tmp_path):
+    # The reader thread is at a random point of taking, placing or queueing a batch
+    # (placing sleeps a random time) whenever the consumer saves: each saved position
+    # must still resume at exactly the first batch the consumer has not taken.
+    config = tiny_config()
+    reference = DataStream(config.data, "train", 0, 1)
+    want = [next(reference) for _ in range(30)]
+    rng = random.Random(11)
+    place_rng = random.Random(12)
+
+    def place(host):
+        time.sleep(place_rng.uniform(0.0, 0.02))
+        return host
+
+    batches = Prefetcher(DataStream(config.data, "train", 0, 1), 3, place)
+    consumed = 0
+    try:
+        for trial in range(8):
+            for _ in range(rng.randint(0, 3)):
+                assert _batches_equal(next(batches)[0], want[consumed])
+                consumed += 1
+            time.sleep(rng.uniform(0.0, 0.05))
+            directory = str(tmp_path / str(trial))
+            batches.save(directory)
+            resumed = DataStream(config.data, "train", 0, 1)
+            resumed.restore(directory)
+            assert all(_batches_equal(next(resumed), w) for w in want[consumed:consumed + 4])
+    finally:
+        batches.close()
+
+
+class _InterlockedStream:
+    """A stream whose batch k + 1 can only be read once the consumer has begun its step on batch k."""
+
+    def __init__(self, steps: int):
+        self.working = [threading.Event() for _ in range(steps)]
+        self.read = [threading.Event() for _ in range(steps + 1)]
+        self.k = 0
+
+    def __next__(self):
+        if self.k and not self.working[self.k - 1].wait(timeout=120):
+            raise AssertionError(f"batch {self.k} was wanted before step {self.k - 1} began")
+        self.read[self.k].set()
+        self.k += 1
+        return {"k": self.k - 1}
+
+
+def test_the_next_batch_is_read_while_the_step_runs():
+    # Step k waits until batch k + 1 has been read; the read of batch k + 1 waits until
+    # step k has begun. Reading in series with the steps would deadlock (caught by the
+    # timeouts); reading ahead in a thread satisfies both, however loaded the host is.
+    steps = 6
+    stream = _InterlockedStream(steps)
+    batches = Prefetcher(stream, 1, lambda host: host)
+    try:
+        for k in range(steps):
+            host, _ = next(batches)
+            assert host["k"] == k
+            stream.working[k].set()  # the step on batch k begins
+            assert stream.read[k + 1].wait(timeout=120), f"batch {k + 1} not read during step {k}"
+    finally:
+        for event in stream.working:
+            event.set()
+        batches.close()
 
 
 def test_a_run_resumes_from_a_position_saved_by_another_process_count():

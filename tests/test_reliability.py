@@ -89,29 +89,54 @@ def reference(tmp_path_factory):
     return model_dir
 
 
-def test_random_sigkills_then_rerun_match_uninterrupted_run(reference, tmp_path):
-    rng = random.Random(1234)
+def _kill_cycles(model_dir, rng, cycles):
+    """Starts the run `cycles` times, each SIGKILLed at a random moment after its own first checkpoint."""
     env = {**os.environ, "PYTHONPATH": FIXTURES}
     kills = 0
-    for _ in range(3):
-        before = _steps(tmp_path)
-        proc = subprocess.Popen(_command(tmp_path), stdout=subprocess.DEVNULL,
+    for _ in range(cycles):
+        before = _steps(model_dir)
+        proc = subprocess.Popen(_command(model_dir), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env)
-        # Wait until this attempt has written a checkpoint of its own, then kill at a
-        # random moment shortly after (often in the middle of the next async save).
-        deadline = time.time() + 240
-        while proc.poll() is None and _steps(tmp_path) == before and time.time() < deadline:
+        deadline = time.time() + 300
+        while proc.poll() is None and _steps(model_dir) == before and time.time() < deadline:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))
+        time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
+    return kills
+
+
+def test_random_sigkills_then_rerun_match_uninterrupted_run(reference, tmp_path):
+    # Each attempt is killed soon after a checkpoint of its own, often in the middle of
+    # the next async save.
+    kills = _kill_cycles(tmp_path, random.Random(1234), cycles=3)
     assert kills >= 2, "the runs should be killed before they end"
     final = _run(tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if not n.isdigit()], \
         "partial saves are cleaned up"
+    _assert_same_run(tmp_path, reference)
+
+
+def test_kills_under_cpu_load_resume_bit_exactly(reference, tmp_path):
+    # Races between the step loop, the prefetch thread, tf.data's own threads and
+    # Orbax's async commit show when threads are starved: keep every core busy with
+    # spinning processes while runs are killed and resumed.
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(os.cpu_count() or 2)]
+    try:
+        # PAXLIKE_STRESS_KILLS raises the count for a longer hunt (the suite keeps it short).
+        cycles = int(os.environ.get("PAXLIKE_STRESS_KILLS", "3"))
+        kills = _kill_cycles(tmp_path, random.Random(77), cycles=cycles)
+        final = _run(tmp_path)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert kills >= min(cycles, 2), "the runs should be killed before they end"
+    assert final.returncode == 0, final.stderr[-3000:]
     _assert_same_run(tmp_path, reference)
 
 

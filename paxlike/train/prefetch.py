@@ -24,16 +24,19 @@ class _Raised:
 class Prefetcher:
     """Yields (host batch, device batch) pairs `depth` batches ahead of the consumer.
 
-    The reader takes a batch from the stream and notes it as unconsumed under one
-    lock, so `save` (called by the consumer between steps, e.g. from a checkpoint)
+    The reader takes a batch from the stream and notes it as unconsumed under the
+    read lock, so `save` (called by the consumer between steps, e.g. from a checkpoint)
     sees the stream's position and exactly the batches read past the consumer's;
     they are saved with it, and the position in a checkpoint is still the next batch
-    the consumer has not trained on.
+    the consumer has not trained on. Taking a batch needs only the small lock of the
+    unconsumed list: the consumer never waits for a read in progress (which would put
+    the input back in series with the steps); only a save does.
     """
 
     def __init__(self, stream: DataStream, depth: int, place: Callable[[HostBatch], Any]):
         self._stream, self._place, self._depth = stream, place, depth
-        self._lock = threading.Lock()
+        self._read_lock = threading.Lock()  # held while the stream moves: reads, saves
+        self._list_lock = threading.Lock()  # held while the unconsumed list changes
         self._unconsumed: collections.deque[HostBatch] = collections.deque()
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
@@ -45,9 +48,10 @@ class Prefetcher:
     def _read(self) -> None:
         while not self._stop.is_set():
             try:
-                with self._lock:
+                with self._read_lock:
                     host = next(self._stream)
-                    self._unconsumed.append(host)
+                    with self._list_lock:
+                        self._unconsumed.append(host)
                 item = (host, self._place(host))
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer's thread
                 item = _Raised(e)
@@ -70,15 +74,17 @@ class Prefetcher:
         item = self._queue.get()
         if isinstance(item, _Raised):
             raise item.error
-        with self._lock:
+        with self._list_lock:
             taken = self._unconsumed.popleft()
         assert taken is item[0], "the reader and the consumer disagree on the batch order"
         return item
 
     def save(self, directory: str) -> None:
         """Saves the stream's position with the batches read ahead of the consumer."""
-        with self._lock:
-            self._stream.save(directory, unconsumed=list(self._unconsumed))
+        with self._read_lock:
+            with self._list_lock:
+                unconsumed = list(self._unconsumed)
+            self._stream.save(directory, unconsumed=unconsumed)
 
     def restore(self, directory: str) -> None:
         """Restoring happens on the stream itself, before any reading starts."""
