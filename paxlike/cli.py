@@ -75,6 +75,29 @@ def _parser() -> argparse.ArgumentParser:
     mfu.add_argument("--seq_len", type=int, help="sequence length (default: the model's max_seq_len)")
     mfu.add_argument("--json", action="store_true", help="print one JSON object")
 
+    evaluate = commands.add_parser(
+        "eval", help="perplexity and bits per byte on a seqio Task, or multiple-choice accuracy",
+        description="Score a model directory: perplexity and bits per byte on a split of a "
+                    "registered seqio Task or Mixture (--task), or zero-/few-shot accuracy on a "
+                    "multiple-choice JSONL file (--multiple_choice); see docs/evaluation.md. "
+                    "Example: paxlike eval --model_dir D --task default_mixture")
+    evaluate.add_argument("--model_dir", required=True, help="a trained or converted model directory")
+    subject = evaluate.add_mutually_exclusive_group(required=True)
+    subject.add_argument("--task", metavar="NAME", help="seqio Task or Mixture (e.g. default_mixture)")
+    subject.add_argument("--multiple_choice", metavar="FILE",
+                         help="JSONL: context, choices, gold[, domain_premise] per line")
+    evaluate.add_argument("--split", default="validation", help="split of --task (validation)")
+    evaluate.add_argument("--max_batches", type=int,
+                          help="batches of each Task to score (default: the whole split)")
+    evaluate.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (8)")
+    evaluate.add_argument("--seq_len", type=int, help="tokens per packed row (--task: 256; "
+                          "--multiple_choice: the longest prompt, to a multiple of 64)")
+    evaluate.add_argument("--shots", type=int, default=0, help="solved examples before each item")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the examples drawn")
+    evaluate.add_argument("--tasks_module", default="paxlike.tasks",
+                          help="module imported to register Tasks (paxlike.tasks)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
     from paxlike.parallel import layouts
 
     layouts.add_arguments(commands.add_parser(
@@ -201,6 +224,32 @@ def _mfu(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     print(f"HFU                    {100 * result['hfu']:.1f}%")
 
 
+def _eval(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    import json
+
+    from paxlike.errors import UserError
+    from paxlike.inference import evaluate, multiple_choice
+    from paxlike.inference.load import load_model
+
+    if overrides:
+        raise UserError("eval takes no --gin.NAME=VALUE overrides")
+    # The data is checked before the (possibly large) model is read.
+    if args.task:
+        evaluate.find_task(args.task, args.split, args.tasks_module)
+    else:
+        multiple_choice.read_items(args.multiple_choice)
+    model = load_model(os.path.expanduser(args.model_dir))
+    if args.task:
+        result = evaluate.evaluate_perplexity(
+            model, args.task, args.split, batch_size=args.batch_size, seq_len=args.seq_len,
+            max_batches=args.max_batches, tasks_module=args.tasks_module)
+    else:
+        result = multiple_choice.evaluate_multiple_choice(
+            model, args.multiple_choice, shots=args.shots, seed=args.seed,
+            batch_size=args.batch_size, seq_len=args.seq_len)
+    print(json.dumps(result.to_json()) if args.json else result.summary())
+
+
 def _layouts(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     from paxlike.parallel import layouts
 
@@ -238,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     from paxlike.train.faults import RunHalted
 
     try:
-        {"train": _train, "params": _params, "mfu": _mfu,
+        {"train": _train, "params": _params, "mfu": _mfu, "eval": _eval,
          "layouts": _layouts, "convert": _convert}[args.command](args, overrides)
     except UserError as e:
         _fail(str(e))
