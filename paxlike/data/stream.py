@@ -25,6 +25,12 @@ FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weigh
             "decoder_segment_ids", "decoder_positions")
 
 
+OBJECTIVES = {
+    "causal_lm": lambda: seqio.LMFeatureConverter(pack=True),
+    "prefix_lm": lambda: seqio.PrefixLMFeatureConverter(pack=True, loss_on_targets_only=True),
+}
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -42,6 +48,12 @@ class DataConfig:
     # Batches read and placed on the devices ahead of the step that uses them, in a
     # background thread (0: read each batch when its step starts).
     prefetch: int = 2
+    # How a Task's examples become rows: 'causal_lm' (one `targets` stream, loss on every
+    # token) or 'prefix_lm' (`inputs` then `targets` in one row, loss on the targets only:
+    # instruction tuning). The model attends causally either way.
+    objective: str = "causal_lm"
+    # prefix_lm: the tokens of a row an example's `inputs` may take (None: half the row).
+    inputs_length: int | None = None
 
     def __post_init__(self):
         for field in ("seq_len", "batch_size"):
@@ -50,6 +62,23 @@ class DataConfig:
                 raise UserError(f"{field.upper()} = {value!r}; it must be a positive integer")
         if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or self.prefetch < 0:
             raise UserError(f"DataConfig.prefetch = {self.prefetch!r}; it must be an int >= 0")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"DataConfig.objective = {self.objective!r}; choose one of "
+                            f"{sorted(OBJECTIVES)}")
+        if self.inputs_length is not None and not 0 < self.inputs_length < self.seq_len:
+            raise UserError(f"DataConfig.inputs_length = {self.inputs_length!r}; it must lie "
+                            f"between 0 and SEQ_LEN = {self.seq_len}, exclusive")
+
+    def feature_lengths(self) -> dict[str, int]:
+        """Task feature lengths whose packed rows are `seq_len` long."""
+        if self.objective == "causal_lm":
+            return {"targets": self.seq_len}
+        inputs = self.inputs_length or self.seq_len // 2
+        return {"inputs": inputs, "targets": self.seq_len - inputs}
+
+    def feature_converter(self) -> seqio.FeatureConverter:
+        """seqio's packing converter for the objective."""
+        return OBJECTIVES[self.objective]()
 
 
 def get_provider(config: DataConfig) -> seqio.DatasetProviderBase:
@@ -95,8 +124,8 @@ def _packed(config: DataConfig, name: str, split: str, shard: int, num_shards: i
     """Packed LM rows of one shard of a Task or Mixture."""
     return seqio.get_dataset(
         name,
-        task_feature_lengths={"targets": config.seq_len},
-        feature_converter=seqio.LMFeatureConverter(pack=True),
+        task_feature_lengths=config.feature_lengths(),
+        feature_converter=config.feature_converter(),
         dataset_split=split,
         shuffle=shuffle,
         num_epochs=num_epochs,
