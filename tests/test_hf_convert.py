@@ -1,10 +1,11 @@
-"""Hugging Face interop: logits match transformers' forward, to-hf(from-hf(x)) is bit-identical, pickles are refused."""
+"""Hugging Face interop: logits match transformers' forward, to-hf(from-hf(x)) is bit-identical, streamed and sharded."""
 
 import dataclasses
 import json
 import math
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -13,9 +14,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
+import jax  # noqa: E402
 import paxlike  # noqa: E402
 from paxlike.errors import UserError  # noqa: E402
+from paxlike.hf import checkpoint_io, safetensors_io  # noqa: E402
 from paxlike.hf import convert as hf_convert  # noqa: E402
+from paxlike.hf import tensors as hf_tensors  # noqa: E402
 from paxlike.hf.families import FAMILIES  # noqa: E402
 
 VOCAB = 384  # the byte vocabulary padded, so the default data fits
@@ -39,10 +43,13 @@ HF_CONFIGS = {
 }
 
 
-def _hf_model(case: str, directory) -> "torch.nn.Module":
-    """A small random model of `case`, saved as safetensors in `directory`."""
+def _hf_model(case: str, directory, **config_changes) -> "torch.nn.Module":
+    """A small random model of `case` (its config changed by `config_changes`), saved as safetensors in `directory`."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[case]())
+    config = HF_CONFIGS[case]()
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         # Perturb everything (norm scales, zero-initialised biases too) so every mapping matters.
         for p in model.parameters():
@@ -196,6 +203,14 @@ def test_continued_pretraining_from_converted_llama(tmp_path, tiny):
     # A random initialisation of this tiny model starts near ln(384) = 5.95; the converted one differs.
     assert abs(result.losses[1] - math.log(VOCAB)) > 1e-3
 
+    # The trained checkpoint (each parameter one storage chunk) goes back to transformers.
+    hf_convert.to_hf(str(tmp_path / "run"), str(tmp_path / "hf_back"))
+    trained = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_back")).eval()
+    trained_btv = paxlike.load_model(str(tmp_path / "run")).logits(TOKENS_BT)
+    assert np.abs(_hf_logits(trained, TOKENS_BT) - trained_btv).max() <= 1e-4
+    # Training moved the parameters, so this checks the trained ones, not the converted ones.
+    assert np.abs(trained_btv - paxlike.load_model(str(converted)).logits(TOKENS_BT)).max() > 1e-3
+
 
 def test_init_from_a_different_model_names_the_parameter(tmp_path, tiny):
     from paxlike.train.trainer import train
@@ -207,3 +222,219 @@ def test_init_from_a_different_model_names_the_parameter(tmp_path, tiny):
     with pytest.raises(UserError, match=r"parameter layers/attention/key/kernel has shape "
                                         r"\(2, 64, 4, 16\) in .* but \(2, 64, 2, 16\)"):
         train(config, str(tmp_path / "run"), show_progress=False)
+
+
+# --- streaming: sharded files, bfloat16, one block in memory at a time --------------------------
+
+def _load_tensors(hf_dir) -> dict[str, np.ndarray]:
+    """Every tensor of a save_pretrained directory, sharded or not."""
+    tensors = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(safetensors_numpy.load_file(str(path)))
+    return tensors
+
+
+class _LiveArrays:
+    """Arrays seen by `track` (or returned by a wrapped function): how many, and how many bytes, were alive at once.
+
+    CPython frees an array when its last reference goes, so an array still alive when a
+    later one is tracked is one the conversion still holds (directly or through a view).
+    """
+
+    def __init__(self, function=None):
+        self.function = function
+        self.calls = self.peak_count = self.peak_bytes = self.largest = 0
+        self._refs: list = []
+
+    def track(self, array: np.ndarray) -> None:
+        """Counts `array`, and the earlier arrays still alive with it."""
+        self.calls += 1
+        self.largest = max(self.largest, array.nbytes)
+        self._refs = [r for r in self._refs if r() is not None] + [weakref.ref(array)]
+        alive = [a for a in (r() for r in self._refs) if a is not None]
+        self.peak_count = max(self.peak_count, len(alive))
+        self.peak_bytes = max(self.peak_bytes, sum(a.nbytes for a in alive))
+
+    def __call__(self, *args, **kwargs):
+        """Calls the wrapped function and tracks the array it returns."""
+        out = self.function(*args, **kwargs)
+        self.track(out)
+        return out
+
+    def blocks(self, generator_function):
+        """`generator_function` with every block it yields tracked."""
+        def tracked(*args, **kwargs):
+            for item in generator_function(*args, **kwargs):
+                self.track(item[1] if isinstance(item, tuple) else item)
+                yield item
+                del item
+        return tracked
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama_gqa", "bloom"])
+def test_conversion_holds_one_block_at_a_time_and_stays_exact(tmp_path, monkeypatch, case):
+    block = 16384  # 4096 float32 values: every tensor of these models but the smallest is cut up
+    monkeypatch.setattr(hf_tensors, "BLOCK_BYTES", block)
+    vocab = 300  # padded to 384 rows in paxlike: the padding shares a block with the last rows
+    hf_dir, model_dir, back_dir = tmp_path / "hf", tmp_path / "pax", tmp_path / "hf_back"
+    model = _hf_model(case, hf_dir, vocab_size=vocab)
+    original = _load_tensors(hf_dir)
+
+    reads = _LiveArrays(safetensors_io.SafetensorsReader.read)
+    monkeypatch.setattr(safetensors_io.SafetensorsReader, "read",
+                        lambda self, *a: reads(self, *a))
+    written = _LiveArrays()
+    monkeypatch.setattr(hf_tensors, "_param_blocks", written.blocks(hf_tensors._param_blocks))
+    hf_convert.from_hf(str(hf_dir), str(model_dir), case.split("_")[0])
+    # Each block read, and each written, was freed before the next; none is a whole parameter.
+    assert reads.peak_count == 1 and written.peak_count == 1
+    assert reads.calls > len(original)
+    assert reads.largest <= block and written.largest <= block
+    lm = paxlike.load_model(str(model_dir))
+    largest_param = max(np.asarray(x).nbytes for x in jax.tree.leaves(lm.params))
+    assert largest_param > 4 * block
+
+    tokens_bt = TOKENS_BT % vocab
+    logits_btv = lm.logits(tokens_bt)
+    assert np.abs(logits_btv - _hf_logits(model, tokens_bt)).max() <= 1e-4
+
+    slices = _LiveArrays(checkpoint_io.ParamReader.read)
+    monkeypatch.setattr(checkpoint_io.ParamReader, "read", lambda self, *a: slices(self, *a))
+    fused = _LiveArrays()
+    monkeypatch.setattr(hf_tensors, "_hf_blocks", fused.blocks(hf_tensors._hf_blocks))
+    hf_convert.to_hf(str(model_dir), str(back_dir))
+    # At most the pieces of one fused block (query, key, value) were alive together.
+    assert slices.peak_count <= 3 and slices.peak_bytes <= block
+    assert fused.peak_count == 1 and fused.largest <= block
+    back = _load_tensors(back_dir)
+    assert sorted(back) == sorted(original)
+    for name, value in original.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+
+
+def test_sharded_to_hf_loads_in_transformers(tmp_path):
+    hf_dir, model_dir, back_dir = tmp_path / "hf", tmp_path / "pax", tmp_path / "hf_back"
+    model = _hf_model("llama_gqa", hf_dir)
+    hf_convert.from_hf(str(hf_dir), str(model_dir))
+    result = _paxlike("convert", "to-hf", "--model_dir", str(model_dir), "--hf_dir", str(back_dir),
+                      "--max_shard_size", "100KB")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    shards = sorted(p.name for p in back_dir.glob("*.safetensors"))
+    assert len(shards) > 2 and "model.safetensors" not in shards
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                      for i in range(1, len(shards) + 1)]
+    index = json.loads((back_dir / "model.safetensors.index.json").read_text())
+    original = safetensors_numpy.load_file(str(hf_dir / "model.safetensors"))
+    assert sorted(index["weight_map"]) == sorted(original)
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in original.values())
+    assert index["metadata"]["total_parameters"] == sum(v.size for v in original.values())
+    for name in shards:  # each tensor lies in the shard the index names; each shard fits
+        shard = safetensors_numpy.load_file(str(back_dir / name))
+        assert sum(v.nbytes for v in shard.values()) <= 100_000, name
+        for tensor_name, value in shard.items():
+            assert index["weight_map"][tensor_name] == name
+            np.testing.assert_array_equal(value, original[tensor_name])
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back_dir)).eval()
+    np.testing.assert_array_equal(_hf_logits(reloaded, TOKENS_BT), _hf_logits(model, TOKENS_BT))
+
+
+def test_from_hf_of_a_sharded_transformers_checkpoint_is_exact(tmp_path):
+    hf_dir, model_dir, back_dir = tmp_path / "hf", tmp_path / "pax", tmp_path / "hf_back"
+    model = _hf_model("llama_gqa", tmp_path / "single")
+    model.save_pretrained(hf_dir, safe_serialization=True, max_shard_size="100KB")
+    assert len(list(hf_dir.glob("model-*-of-*.safetensors"))) > 2
+    hf_convert.from_hf(str(hf_dir), str(model_dir))
+    logits_btv = paxlike.load_model(str(model_dir)).logits(TOKENS_BT)
+    assert np.abs(logits_btv - _hf_logits(model, TOKENS_BT)).max() <= 1e-4
+
+    hf_convert.to_hf(str(model_dir), str(back_dir))  # 5GB shards: one file, no index
+    assert sorted(p.name for p in back_dir.iterdir()) == ["config.json", "model.safetensors"]
+    original, back = _load_tensors(hf_dir), _load_tensors(back_dir)
+    assert sorted(back) == sorted(original)
+    for name, value in original.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+
+
+def test_bfloat16_parameters_are_stored_loaded_and_written_back(tmp_path):
+    import ml_dtypes
+
+    hf_dir, model_dir, back_dir = tmp_path / "hf", tmp_path / "pax", tmp_path / "hf_back"
+    model = _hf_model("llama_gqa", hf_dir)
+    result = _paxlike("convert", "from-hf", "--hf_dir", str(hf_dir), "--model_dir", str(model_dir),
+                      "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ModelConfig.param_dtype = 'bfloat16'" in (model_dir / "config.gin").read_text()
+
+    lm = paxlike.load_model(str(model_dir))
+    assert lm.config.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(lm.params)} == {np.dtype(ml_dtypes.bfloat16)}
+    # The reference: transformers' model with every weight rounded to bfloat16, run in float32.
+    rounded = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    expected_btv = _hf_logits(rounded, TOKENS_BT)
+    assert np.abs(lm.logits(TOKENS_BT) - expected_btv).max() <= 1e-4
+    assert np.abs(expected_btv - _hf_logits(model, TOKENS_BT)).max() > 1e-3  # rounding shows
+
+    hf_convert.to_hf(str(model_dir), str(back_dir))
+    assert json.loads((back_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    back = _load_tensors(back_dir)
+    for name, value in _load_tensors(hf_dir).items():
+        expected = torch.from_numpy(value).to(torch.bfloat16).view(torch.int16).numpy()
+        assert back[name].dtype == ml_dtypes.bfloat16, name
+        np.testing.assert_array_equal(back[name].view(np.int16), expected, err_msg=name)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        str(back_dir), dtype=torch.float32).eval()
+    np.testing.assert_array_equal(_hf_logits(reloaded, TOKENS_BT), expected_btv)
+
+
+def test_reader_reads_rows_of_bfloat16_and_float32_files(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    values = {"a": torch.randn(7, 3, 5, dtype=torch.bfloat16), "b": torch.randn(4, 6),
+              "c": torch.randn(9).half()}
+    save_file(values, str(tmp_path / "x.safetensors"))
+    reader = safetensors_io.SafetensorsReader([str(tmp_path / "x.safetensors")])
+    for name, value in values.items():
+        bf16 = value.dtype == torch.bfloat16  # compared as bits: numpy has no bfloat16 of its own
+        expected = value.view(torch.int16).numpy() if bf16 else value.numpy()
+        whole = reader.read(name)
+        assert whole.dtype.itemsize == value.element_size() and whole.shape == tuple(value.shape)
+        got = whole.view(np.int16) if bf16 else whole
+        np.testing.assert_array_equal(got, expected)
+        rows = reader.read(name, (2, 4))
+        np.testing.assert_array_equal(rows.view(got.dtype), expected[2:4])
+
+
+def test_max_shard_size_is_parsed_as_transformers_parses_it():
+    assert safetensors_io.parse_size("5GB") == 5 * 10**9
+    assert safetensors_io.parse_size("200MB") == 200 * 10**6
+    assert safetensors_io.parse_size("2GiB") == 2 * 2**30
+    assert safetensors_io.parse_size("123456") == 123456
+
+
+def test_bad_max_shard_size_is_one_line_and_writes_nothing(tmp_path):
+    _hf_model("llama_gqa", tmp_path / "hf")
+    hf_convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "pax"))
+    result = _paxlike("convert", "to-hf", "--model_dir", str(tmp_path / "pax"), "--hf_dir",
+                      str(tmp_path / "back"), "--max_shard_size", "5 parsecs")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("paxlike: error:")]
+    assert lines == ["paxlike: error: --max_shard_size '5 parsecs' is not a size; write e.g. "
+                     "5GB, 200MB or 500MiB"]
+    assert not (tmp_path / "back").exists()
+
+
+def test_truncated_shard_is_refused_before_anything_is_written(tmp_path):
+    model = _hf_model("llama_gqa", tmp_path / "single")
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB")
+    last = sorted((tmp_path / "hf").glob("model-*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-10])
+    with pytest.raises(UserError, match=f"{last.name} is shorter than its header says"):
+        hf_convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "pax"))
+    assert not (tmp_path / "pax").exists()
