@@ -11,6 +11,7 @@ from paxlike.model.attention_blockwise import blockwise_attention
 from paxlike.model.config import ModelConfig
 from paxlike.model.dense import DenseGeneral
 from paxlike.model.embeddings import apply_rope
+from paxlike.model.kv_cache import CACHE_AXES_BSKH, KVCache, cached_attention, write
 
 
 def attention_mask(segment_ids_bt: jnp.ndarray) -> jnp.ndarray:
@@ -114,8 +115,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray
-    ) -> jnp.ndarray:
+        self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
+        kv_cache: KVCache | None = None,
+    ) -> jnp.ndarray | tuple[jnp.ndarray, KVCache]:
+        """The attention output; decoding (with this layer's `kv_cache`) also the updated cache."""
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = cfg.compute_dtype
@@ -136,15 +139,24 @@ class Attention(nn.Module):
             k_bskh = apply_rope(k_bskh, positions_bt, cfg.rope_max_wavelength)
 
         slopes_n = alibi_slopes(n) if cfg.position == "alibi" else None
-        # Initialisation only needs shapes (its batch may be a single row that no mesh
-        # axis divides): the kernels are left to the real step.
-        impl = "blockwise" if self.is_initializing() else cfg.attention_impl
-        out_btnh = attend(impl, q_btnh * jnp.asarray(h**-0.5, dt), k_bskh, v_bskh,
-                          positions_bt, segment_ids_bt, cfg.attention_query_block,
-                          cfg.attention_key_block, slopes_n)
+        if kv_cache is not None:
+            # Decoding: store this call's keys and values at their positions, then attend
+            # over everything cached (segment ids play no part: a row is one document).
+            kv_cache = write(kv_cache, k_bskh, v_bskh, positions_bt).map(
+                lambda a: nn.with_logical_constraint(a, CACHE_AXES_BSKH))
+            out_btnh = cached_attention(q_btnh * jnp.asarray(h**-0.5, dt), kv_cache.keys,
+                                        kv_cache.values, positions_bt, slopes_n)
+        else:
+            # Initialisation only needs shapes (its batch may be a single row that no mesh
+            # axis divides): the kernels are left to the real step.
+            impl = "blockwise" if self.is_initializing() else cfg.attention_impl
+            out_btnh = attend(impl, q_btnh * jnp.asarray(h**-0.5, dt), k_bskh, v_bskh,
+                              positions_bt, segment_ids_bt, cfg.attention_query_block,
+                              cfg.attention_key_block, slopes_n)
         out_btnh = nn.with_logical_constraint(
             out_btnh, ("act_batch", "act_length", "act_heads", "act_head_dim"))
-        return DenseGeneral(
+        out_btd = DenseGeneral(
             "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), (0, 1), dt, cfg.use_bias,
             cfg.parameter_dtype, name="out",
         )(out_btnh)
+        return out_btd if kv_cache is None else (out_btd, kv_cache)

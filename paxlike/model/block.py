@@ -8,7 +8,9 @@ from flax import linen as nn
 
 from paxlike.model.attention import Attention
 from paxlike.model.config import ModelConfig
+from paxlike.model.kv_cache import KVCache, stack_layers
 from paxlike.model.mlp import Mlp
+from paxlike.model.moe import MoeMlp
 from paxlike.model.norms import Norm
 
 _ACT_BTD = ("act_batch", "act_length", "act_embed")
@@ -45,26 +47,37 @@ class Block(nn.Module):
     """parallel: y = x + Attn(N(x)) + MLP(N(x)); serial: attention then MLP, each a residual."""
 
     config: ModelConfig
+    train: bool = False  # training routes differently (capacity, noise, balanced assignment)
+    moe: bool = False  # the MLP is a mixture of experts (moe.MoeMlp)
 
     @nn.compact
     def __call__(
-        self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray
-    ) -> tuple[jnp.ndarray, None]:
+        self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[jnp.ndarray, KVCache | None]:
         cfg = self.config
         if cfg.layer_grad_boundary == "on":
             x_btd = grad_boundary(x_btd)
         x_btd = nn.with_logical_constraint(x_btd, _ACT_BTD)
         attention = Attention(cfg, name="attention")
-        mlp = Mlp(cfg, name="mlp")
+        updated = []  # decoding: this layer's cache after the attention wrote to it
+
+        def attend(h_btd):
+            if kv_cache is None:
+                return attention(h_btd, positions_bt, segment_ids_bt)
+            out_btd, cache = attention(h_btd, positions_bt, segment_ids_bt, kv_cache)
+            updated.append(cache)
+            return out_btd
+
+        mlp = MoeMlp(cfg, self.train, name="moe") if self.moe else Mlp(cfg, name="mlp")
         if cfg.block == "parallel":
             h_btd = Norm(cfg, name="norm")(x_btd)
-            y_btd = x_btd + attention(h_btd, positions_bt, segment_ids_bt) + mlp(h_btd)
+            y_btd = x_btd + attend(h_btd) + mlp(h_btd)
         else:
-            h_btd = self._residual(
-                x_btd, lambda h: attention(h, positions_bt, segment_ids_bt), "attention")
+            h_btd = self._residual(x_btd, attend, "attention")
             y_btd = self._residual(h_btd, mlp, "mlp")
-        # The (carry, output) pair is what nn.scan expects of a layer.
-        return nn.with_logical_constraint(y_btd, _ACT_BTD), None
+        # The (carry, output) pair is what nn.scan expects of a layer; decoding outputs the cache.
+        return nn.with_logical_constraint(y_btd, _ACT_BTD), (updated[0] if updated else None)
 
     def _residual(self, x_btd, sublayer, name: str) -> jnp.ndarray:
         """One residual connection with the norm where `norm_placement` puts it."""
@@ -76,3 +89,26 @@ class Block(nn.Module):
             return Norm(cfg, name=f"{name}_norm")(x_btd * scale + sublayer(x_btd))
         out = sublayer(Norm(cfg, name=f"{name}_norm")(x_btd))
         return x_btd + Norm(cfg, name=f"{name}_out_norm")(out)
+
+
+class LayerGroup(nn.Module):
+    """moe_every consecutive layers, the last with the mixture of experts: the unit a scanned MoE stack repeats."""
+
+    config: ModelConfig
+    train: bool = False
+    block: type[nn.Module] = Block  # Block, or Block under nn.remat
+
+    @nn.compact
+    def __call__(
+        self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[jnp.ndarray, KVCache | None]:
+        """Decoding passes the group's (moe_every, batch, ...) cache and gets it back updated."""
+        last = self.config.moe_every - 1
+        caches = []
+        for j in range(last + 1):
+            layer_cache = () if kv_cache is None else (kv_cache.layer(j),)
+            x_btd, cache = self.block(self.config, self.train, j == last, name=f"layer_{j}")(
+                x_btd, positions_bt, segment_ids_bt, *layer_cache)
+            caches.append(cache)
+        return x_btd, (None if kv_cache is None else stack_layers(caches))

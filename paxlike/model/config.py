@@ -20,7 +20,11 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
     "attention_impl": ("auto", "splash", "cudnn", "blockwise", "reference"),
+    "router": ("switch", "gshard", "base"),
+    "moe_dispatch": ("dropping", "dropless"),
 }
+# Choices per token each router makes: None = any experts_per_token (top-k).
+_ROUTER_CHOICES = {"switch": None, "gshard": 2, "base": 1}
 
 
 @gin.configurable
@@ -86,6 +90,25 @@ class ModelConfig:
     layer_grad_boundary: str = "auto"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters (and their gradients)
+    # Mixture of experts (moe.py): every `moe_every`-th layer's MLP becomes `num_experts`
+    # copies of it behind a router (0 = dense). Routers: 'switch' top-k (Switch: k = 1),
+    # 'gshard' top-2 with the second expert dispatched at random in proportion to its gate,
+    # 'base' a balanced assignment in training (BASE layers), greedy top-1 at inference.
+    num_experts: int = 0
+    experts_per_token: int = 1
+    moe_every: int = 2  # layers i with (i + 1) % moe_every == 0 are sparse (GLaM: every other)
+    router: str = "switch"
+    # Expert slots per group = ceil(factor * experts_per_token * group tokens / num_experts);
+    # tokens routed past them are dropped (their residual passes through).
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    router_jitter: float = 0.0  # training multiplies the router input by U(1 - j, 1 + j)
+    # 'dropping': capacity-bounded einsum dispatch; 'dropless': tokens sorted by expert into
+    # ragged matmuls, nothing dropped (one sort over the layer's tokens: no expert parallelism).
+    moe_dispatch: str = "dropping"
+    moe_group_size: int = 0  # tokens routed together (capacity is per group); 0 = one sequence
+    load_balance_loss_weight: float = 0.01
+    router_z_loss_weight: float = 0.001
 
     def __post_init__(self):
         for field, allowed in _CHOICES.items():
@@ -116,6 +139,42 @@ class ModelConfig:
                             ">= 0 (0 = the whole sequence in one chunk)")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        """Refuses mixture-of-experts settings that cannot route."""
+        for field in ("num_experts", "moe_group_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UserError(f"ModelConfig.{field} = {value!r}; it must be an int >= 0")
+        if self.num_experts == 0:
+            return
+        if self.num_experts == 1:
+            raise UserError("ModelConfig.num_experts = 1; use 0 for a dense model or at least "
+                            "2 experts")
+        for field in ("experts_per_token", "moe_every"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"ModelConfig.{field} = {value!r}; it must be a positive int")
+        if self.num_layers % self.moe_every:
+            raise UserError(f"ModelConfig.num_layers = {self.num_layers} is not a multiple of "
+                            f"moe_every = {self.moe_every}; pick a moe_every that divides it")
+        k = _ROUTER_CHOICES[self.router]
+        if k is not None and self.experts_per_token != k:
+            raise UserError(f"the {self.router!r} router sends each token to {k} expert(s); set "
+                            f"ModelConfig.experts_per_token = {k}")
+        if self.experts_per_token > self.num_experts:
+            raise UserError(f"ModelConfig.experts_per_token = {self.experts_per_token} exceeds "
+                            f"num_experts = {self.num_experts}; lower it")
+        for field in ("capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, field) > 0:
+                raise UserError(f"ModelConfig.{field} = {getattr(self, field)!r}; it must be > 0")
+        if not 0 <= self.router_jitter < 1:
+            raise UserError(f"ModelConfig.router_jitter = {self.router_jitter!r}; it must be in "
+                            "[0, 1)")
+        for field in ("load_balance_loss_weight", "router_z_loss_weight"):
+            if not getattr(self, field) >= 0:
+                raise UserError(f"ModelConfig.{field} = {getattr(self, field)!r}; it must be >= 0")
 
     @classmethod
     def from_fields(cls, **fields) -> "ModelConfig":
@@ -164,3 +223,10 @@ class ModelConfig:
     def mlp_gated(self) -> bool:
         """Whether the MLP has a gate matrix (GLU variants)."""
         return self.mlp_activation in ("swiglu", "geglu")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the layers whose MLP is a mixture of experts: (i + 1) % moe_every == 0."""
+        if not self.num_experts:
+            return ()
+        return tuple(i for i in range(self.num_layers) if (i + 1) % self.moe_every == 0)

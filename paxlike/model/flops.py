@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from paxlike.model import param_tree
 from paxlike.model.config import ModelConfig
+from paxlike.model.moe import active_size
 
 # Dense bf16 peak FLOP/s per chip, matched against jax's `device_kind`. Order
 # matters: the first substring found wins ("v5 lite" before "v5").
@@ -37,7 +38,8 @@ def matmul_params(params_shapes, cfg: ModelConfig | None = None) -> int:
     The input embedding lookup is a gather, not a matmul; when the table is shared
     with the output projection it is counted once, for that projection. Norm
     scales, biases and learned position tables are not matmul weights. Given `cfg`,
-    an untied output projection counts the real vocabulary, not its padded rows.
+    an untied output projection counts the real vocabulary, not its padded rows, and a
+    mixture-of-experts layer the experts_per_token experts a token uses, not all of them.
     """
     total = 0
     for name, leaf in param_tree.flatten(params_shapes).items():
@@ -46,6 +48,8 @@ def matmul_params(params_shapes, cfg: ModelConfig | None = None) -> int:
             size = math.prod(leaf.shape)
             if cfg is not None and keys[0] == "output_proj":
                 size = size // cfg.padded_vocab_size * cfg.vocab_size
+            if cfg is not None:
+                size = active_size(cfg, name, size)
             total += size
     return total
 

@@ -22,6 +22,14 @@ ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
 }
 
 
+def hidden_units(cfg: ModelConfig, up: Callable[[str], jnp.ndarray]) -> jnp.ndarray:
+    """act(up("wi_gate")) [* up("wi_up")]: the variant's hidden units from its input projection(s)."""
+    h = ACTIVATIONS[cfg.mlp_activation](up("wi_gate"))
+    if cfg.mlp_gated:
+        h = h * up("wi_up")
+    return h
+
+
 class Mlp(nn.Module):
     """x -> act(x W_gate) [* (x W_up)] -> W_down."""
 
@@ -38,9 +46,7 @@ class Mlp(nn.Module):
                 cfg.parameter_dtype, name=name,
             )(x_btd)
 
-        h_btf = ACTIVATIONS[cfg.mlp_activation](up("wi_gate"))
-        if cfg.mlp_gated:
-            h_btf = h_btf * up("wi_up")
+        h_btf = hidden_units(cfg, up)
         h_btf = nn.with_logical_constraint(h_btf, ("act_batch", "act_length", "act_mlp"))
         return DenseGeneral(
             "btf,fd->btd", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), (0,), dt, cfg.use_bias,

@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from paxlike.model.block import Block
+from paxlike.model.block import Block, LayerGroup
 from paxlike.model.config import ModelConfig
 from paxlike.model.embeddings import Embed
+from paxlike.model.kv_cache import KVCache, stack_layers
+from paxlike.model.moe import MOE_AUX
 from paxlike.model.norms import Norm
 
 REMAT_POLICIES = {
@@ -46,12 +48,14 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(
         self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
-        return_hidden: bool = False,
-    ) -> jnp.ndarray:
+        return_hidden: bool = False, train: bool = False, kv_cache: KVCache | None = None,
+    ) -> jnp.ndarray | tuple[jnp.ndarray, KVCache]:
         """Logits over the real vocabulary; with `return_hidden`, the normed states the head reads.
 
         Training asks for the hidden states and applies the head inside the chunked loss,
-        so the (B, T, V) logits are never materialised.
+        so the (B, T, V) logits are never materialised. `train` only changes mixture-of-experts
+        routing (it then needs a "moe" rng); MoE layers sow their losses into MOE_AUX.
+        Decoding passes the (layers, B, S, K, H) `kv_cache` and gets (output, updated cache).
         """
         cfg = self.config
         embed = Embed(cfg, cfg.padded_vocab_size, cfg.embed_init_std, name="token_embed")
@@ -71,19 +75,37 @@ class Transformer(nn.Module):
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                              prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
+            # With experts the repeated unit is a group of moe_every layers, the last sparse.
+            if cfg.num_experts:
+                unit, length, args = LayerGroup, cfg.num_layers // cfg.moe_every, (cfg, train, block)
+            else:
+                unit, length, args = block, cfg.num_layers, (cfg, train)
+            # Decoding scans over the cache's layer axis (grouped like the layers) as an input
+            # and gets the updated cache back as the scan's stacked output.
+            cache_xs = ()
+            if kv_cache is not None:
+                cache_xs = (kv_cache.map(lambda a: a.reshape(length, -1, *a.shape[1:]))
+                            if cfg.num_experts else kv_cache,)
             stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
+                unit,
+                variable_axes={"params": 0, MOE_AUX: 0},
+                split_rngs={"params": True, "moe": True},
+                in_axes=(nn.broadcast, nn.broadcast) + (0,) * len(cache_xs),
+                length=length,
                 unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")
-            x_btd, _ = stack(x_btd, positions_bt, segment_ids_bt)
+            )(*args, name="layers")
+            x_btd, kv_cache = stack(x_btd, positions_bt, segment_ids_bt, *cache_xs)
+            if kv_cache is not None and cfg.num_experts:
+                kv_cache = kv_cache.map(lambda a: a.reshape(-1, *a.shape[2:]))
         else:
+            caches = []
             for i in range(cfg.num_layers):
-                x_btd, _ = block(cfg, name=f"layers_{i}")(x_btd, positions_bt, segment_ids_bt)
+                layer_cache = () if kv_cache is None else (kv_cache.layer(i),)
+                x_btd, cache = block(cfg, train, i in cfg.moe_layers, name=f"layers_{i}")(
+                    x_btd, positions_bt, segment_ids_bt, *layer_cache)
+                caches.append(cache)
+            kv_cache = None if kv_cache is None else stack_layers(caches)
 
         if cfg.final_norm:
             x_btd = Norm(cfg, name="final_norm")(x_btd)
@@ -91,10 +113,11 @@ class Transformer(nn.Module):
         # checkpoints and the Hugging Face tables keep their names.
         w = embed.embedding_vd if cfg.tie_embeddings else OutputProjection(cfg, name="output_proj")()
         if return_hidden:
-            return x_btd
+            return x_btd if kv_cache is None else (x_btd, kv_cache)
         logits_btv = project_logits(cfg, x_btd, w)[..., : cfg.vocab_size]
         logits_btv = nn.with_logical_constraint(logits_btv, ("act_batch", "act_length", "act_vocab"))
-        return logits_btv.astype(jnp.float32)
+        logits_btv = logits_btv.astype(jnp.float32)
+        return logits_btv if kv_cache is None else (logits_btv, kv_cache)
 
 
 class OutputProjection(nn.Module):

@@ -18,12 +18,13 @@ from paxlike.errors import UserError
 # Mesh axes in the order devices are laid out: the outer axes carry the least
 # traffic (data parallel all-reduces once per step), the inner ones the most
 # (tensor parallel collectives inside every layer), so `tensor` sits on the
-# fastest, most local links. `stage` and `expert` are reserved for pipelining
-# and mixture-of-experts layers; they have size 1 until those land.
+# fastest, most local links. `stage` is reserved for pipelining and has size 1
+# until it lands; `expert` holds mixture-of-experts weights split by expert.
 MESH_AXES: tuple[str, ...] = ("data", "stage", "fsdp", "expert", "tensor")
 
-# The axes the global batch is split over.
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+# The axes the global batch is split over. Outside the experts, `expert` is one more
+# data-parallel axis (GShard); tokens reach their experts by all-to-all over it.
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
 
 # Logical axis -> mesh axes. Parameters use bare names ('embed', 'mlp', ...);
 # activations use 'act_*' names so a layout can shard a weight dimension
@@ -38,6 +39,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("expert", "expert"),
+    ("router_expert", None),  # the router's (embed, experts) kernel: every device scores all experts
     # activations
     ("act_batch", BATCH_AXES),
     ("act_length", None),
@@ -47,6 +50,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_head_dim", None),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_expert", "expert"),
+    # Dispatched tokens' groups: the batch axes without `expert`, which the experts now use.
+    ("act_expert_group", ("data", "fsdp")),
 )
 
 
@@ -166,7 +172,7 @@ def _hybrid_grid(ici_sizes: tuple[int, ...], dcn_sizes: tuple[int, ...],
 
 
 def batch_size_divisor(mesh: Mesh) -> int:
-    """How many ways the global batch is split (data x fsdp)."""
+    """How many ways the global batch is split (data x fsdp x expert)."""
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 

@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from paxlike.data.stream import FEATURES, DataConfig, vocab_size
 from paxlike.errors import UserError
-from paxlike.model import param_tree
+from paxlike.model import moe_aux, param_tree
 from paxlike.model.config import ModelConfig
 from paxlike.model.losses import lm_head_loss
 from paxlike.model.transformer import Transformer, head_weights
@@ -78,7 +78,7 @@ def check_runnable(config: TrainConfig, mesh: Mesh) -> None:
     if config.data.batch_size % split:
         raise UserError(
             f"BATCH_SIZE = {config.data.batch_size} is not divisible by the data-parallel size "
-            f"{split} (data x fsdp of MESH_SHAPE); use a multiple of {split}")
+            f"{split} (data x fsdp x expert of MESH_SHAPE); use a multiple of {split}")
     k = config.grad_accum_steps
     if config.data.batch_size % (split * k):
         raise UserError(
@@ -204,48 +204,67 @@ class TrainProgram:
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
     def _loss_terms(self, params, batch):
-        # The model stops at the final norm; the loss applies the output layer in chunks.
-        x_btd = self.model.apply(
-            {"params": params}, batch["decoder_input_tokens"], batch["decoder_positions"],
-            batch["decoder_segment_ids"], return_hidden=True)
-        return lm_head_loss(self.model_config, x_btd, head_weights(self.model_config, params),
-                            batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+        """Summed (cross-entropy, z-loss, weight) of the model as evaluated."""
+        return self._forward_terms(params, batch, None)[:3]
 
-    def _grads(self, params, batch):
-        """Summed (cross-entropy, z-loss, weight) and the gradient of ce + z, over GRAD_ACCUM_STEPS microbatches.
+    def _forward_terms(self, params, batch, rng):
+        """Summed (cross-entropy, z-loss, weight) and the MoE metrics; given `rng`, the model routes as in training."""
+        train = rng is not None
+        # The model stops at the final norm; the loss applies the output layer in chunks.
+        x_btd, variables = self.model.apply(
+            {"params": params}, batch["decoder_input_tokens"], batch["decoder_positions"],
+            batch["decoder_segment_ids"], return_hidden=True, train=train,
+            rngs={"moe": rng} if train else None, mutable=[moe_aux.MOE_AUX])
+        ce, z, weight = lm_head_loss(
+            self.model_config, x_btd, head_weights(self.model_config, params),
+            batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+        return ce, z, weight, moe_aux.metrics(self.model_config, variables)
+
+    def _grads(self, params, batch, rng):
+        """Summed (cross-entropy, z-loss, weight), mean MoE metrics, and the total's gradient, over GRAD_ACCUM_STEPS microbatches.
 
         Sums, not means, so microbatches add up to exactly the full batch's terms; the
-        caller divides by the total weight. The microbatches are scanned: activations of
-        one microbatch live at a time. Microbatch i takes rows i, i + k, i + 2k, ... so that
-        each device keeps contributing its own rows and no row moves between devices.
+        caller divides by the total weight. The MoE metrics are means over tokens: averaged
+        over the microbatches, and the auxiliary loss scaled by the batch's weight over k in
+        the summed total. The microbatches are scanned: activations of one microbatch live
+        at a time. Microbatch i takes rows i, i + k, i + 2k, ... so that each device keeps
+        contributing its own rows and no row moves between devices.
         """
-        def sums(p, micro):
-            ce, z, weight = self._loss_terms(p, micro)
-            return ce + z, (ce, z, weight)
+        k = self.config.grad_accum_steps
+        aux_scale = jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)) / k
+
+        def sums(p, micro, key):
+            ce, z, weight, moe = self._forward_terms(p, micro, key)
+            return ce + z + moe_aux.aux_loss(moe) * aux_scale, (ce, z, weight, moe)
 
         grad_fn = jax.value_and_grad(sums, has_aux=True)
-        k = self.config.grad_accum_steps
         if k == 1:
-            (_, terms), grads = grad_fn(params, batch)
+            (_, terms), grads = grad_fn(params, batch, rng)
             return terms, grads
         micro_batches = {name: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
                          for name, x in batch.items()}
 
-        def body(carry, micro):
+        def body(carry, xs):
             terms, grads = carry
-            (_, micro_terms), micro_grads = grad_fn(params, micro)
+            micro, i = xs
+            (_, micro_terms), micro_grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
             grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, micro_grads)
             return (jax.tree.map(jnp.add, terms, micro_terms), grads), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zero = jnp.zeros((), jnp.float32)
-        (terms, grads), _ = jax.lax.scan(body, ((zero, zero, zero), zeros), micro_batches)
+        start = (zero, zero, zero, moe_aux.zero_metrics(self.model_config))
+        (terms, grads), _ = jax.lax.scan(body, (start, zeros), (micro_batches, jnp.arange(k)))
+        ce, z, weight, moe = terms
+        terms = ce, z, weight, {name: value / k for name, value in moe.items()}
         return terms, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     def _train_step(self, state: TrainState, batch):
-        (ce, z, weight), grads = self._grads(state.params, batch)
+        # Mixture-of-experts routing noise: a stream of its own per step.
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
+        (ce, z, weight, moe), grads = self._grads(state.params, batch, rng)
         grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
-        total, ce, z = (ce + z) / weight, ce / weight, z / weight
+        total, ce, z = (ce + z) / weight + moe_aux.aux_loss(moe), ce / weight, z / weight
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient skips the update: the step counter (and the
         # data) move on, the weights and optimizer state do not.
@@ -254,7 +273,7 @@ class TrainProgram:
                                                  grad_norm, ok)
         metrics = {"loss": ce, "z_loss": z, "total_loss": total, "grad_norm": grad_norm,
                    "learning_rate": learning_rate(self.optimizer, state.opt_state),
-                   "skipped": 1 - ok.astype(jnp.int32)}
+                   "skipped": 1 - ok.astype(jnp.int32), **moe}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def _eval_step(self, params, batch):

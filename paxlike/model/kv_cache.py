@@ -1,0 +1,97 @@
+"""The key/value cache of incremental decoding: (layers, batch, max_length, kv_heads, head_dim) keys and values.
+
+A row's token at position p keeps its key and value in slot p, so a query at position q
+sees exactly the slots s <= q: the positions alone say what is valid, and slots a longer
+row of the same batch has written (a shorter row's padding) are overwritten before any
+query of that row can see them. Each row holds one document (no packing).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from paxlike.model.config import ModelConfig
+
+# Logical names of a layer's cache; no rule maps them yet, so a mesh keeps caches whole.
+CACHE_AXES_BSKH = ("cache_batch", "cache_length", "act_kv_heads", "act_head_dim")
+
+
+class KVCache(NamedTuple):
+    """Cached keys and values: (layers, batch, max_length, kv_heads, head_dim) each, or one layer's (batch, ...)."""
+
+    keys: jnp.ndarray
+    values: jnp.ndarray
+
+    def map(self, fn: Callable[[jnp.ndarray], jnp.ndarray]) -> "KVCache":
+        """The cache with `fn` applied to keys and values alike (a reshape, a gather of rows, ...)."""
+        return KVCache(fn(self.keys), fn(self.values))
+
+    def layer(self, i: int) -> "KVCache":
+        """Layer i of a stacked cache."""
+        return self.map(lambda a: a[i])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values together."""
+        return self.keys.nbytes + self.values.nbytes
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_length: int) -> KVCache:
+    """Zeros for every layer: (num_layers, batch, max_length, num_kv_heads, head_dim) in the compute dtype."""
+    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, max_length: int) -> int:
+    """Bytes init_cache allocates: 2 x layers x batch x length x kv_heads x head_dim x itemsize."""
+    return (2 * cfg.num_layers * batch * max_length * cfg.num_kv_heads * cfg.head_dim
+            * cfg.compute_dtype.itemsize)
+
+
+def stack_layers(layers: Sequence[KVCache]) -> KVCache:
+    """Per-layer caches (batch, ...) -> one stacked (layers, batch, ...) cache."""
+    return KVCache(jnp.stack([c.keys for c in layers]), jnp.stack([c.values for c in layers]))
+
+
+def write(cache: KVCache, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray,
+          positions_bt: jnp.ndarray) -> KVCache:
+    """One layer's cache with the T new keys/values of each row stored in slots positions[b, 0] .. + T - 1.
+
+    A row's new positions are consecutive (a prompt, or one token), so one slice per row.
+    """
+    def put(cache_skh, new_tkh, start):
+        return jax.lax.dynamic_update_slice(cache_skh, new_tkh.astype(cache_skh.dtype),
+                                            (start, 0, 0))
+
+    start_b = positions_bt[:, 0]
+    return KVCache(jax.vmap(put)(cache.keys, k_btkh, start_b),
+                   jax.vmap(put)(cache.values, v_btkh, start_b))
+
+
+def cached_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
+                     positions_bt: jnp.ndarray, alibi_slopes_n: jnp.ndarray | None = None
+                     ) -> jnp.ndarray:
+    """softmax(q k^T + bias) v over the cached slots s <= each query's position; q already scaled.
+
+    The reference computation (materialised scores) over the whole cache: with one query per
+    row the scores are (batch, heads, 1, max_length), small next to the cache itself.
+    """
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    g = n // k
+    q_btkgh = q_btnh.reshape(b, t, k, g, h)
+    logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32)
+    # Slot s holds position s, so the distance to a key is the query's position minus s.
+    distance_bts = positions_bt[:, :, None] - jnp.arange(k_bskh.shape[1])[None, None, :]
+    if alibi_slopes_n is not None:
+        slopes_kg = alibi_slopes_n.reshape(k, g)
+        logits_bkgts = logits_bkgts - (slopes_kg[None, :, :, None, None]
+                                       * distance_bts[:, None, None].astype(jnp.float32))
+    logits_bkgts = jnp.where(distance_bts[:, None, None] >= 0, logits_bkgts,
+                             jnp.finfo(jnp.float32).min)
+    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(q_btnh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    return out_btkgh.reshape(b, t, n, h)
