@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -13,14 +13,28 @@ from paxlike.model.config import ModelConfig
 from paxlike.model.param_count import abstract_params
 from paxlike.model.transformer import Transformer
 
+if TYPE_CHECKING:
+    from paxlike.inference.generation import ByteVocabulary, Generation
+
 
 class LanguageModel:
-    """A model with its parameters on one device; `logits` runs the forward pass."""
+    """A model with its parameters on one device; `logits` runs the forward pass, `generate` decodes."""
 
-    def __init__(self, config: ModelConfig, params: Any):
+    def __init__(self, config: ModelConfig, params: Any, vocabulary: "ByteVocabulary | None" = None):
         self.config = config
         self.params = params
+        self.vocabulary = vocabulary  # how text becomes token ids; None: token ids only
         self._apply = jax.jit(Transformer(config).apply)
+
+    def generate(self, prompts: Any, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
+                 num_beams: int = 1, length_penalty: float = 0.6,
+                 eos_id: int | None = None) -> "Generation":
+        """Continuations of a text, texts, or token id lists; see paxlike.inference.generation.generate."""
+        from paxlike.inference import generation
+
+        return generation.generate(self, prompts, max_new_tokens, temperature, top_k, top_p,
+                                   num_samples, seed, num_beams, length_penalty, eos_id)
 
     def logits(self, tokens: np.ndarray, positions: np.ndarray | None = None,
                segment_ids: np.ndarray | None = None) -> np.ndarray:
@@ -55,4 +69,7 @@ def load_model(model_dir: str | os.PathLike) -> LanguageModel:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             abstract_params(config))
-    return LanguageModel(config, model_dir_lib.load_params(model_dir, abstract))
+    from paxlike.inference.generation import text_vocabulary
+
+    return LanguageModel(config, model_dir_lib.load_params(model_dir, abstract),
+                         text_vocabulary(model_dir, config))
