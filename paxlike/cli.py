@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 USAGE_MACROS = """\
 gin macros every run file understands (set with --gin.NAME=VALUE):
   TRAIN_STEPS            number of optimizer steps to train to
-  BATCH_SIZE             global batch, in sequences (split over data x fsdp)
+  BATCH_SIZE             global batch, in sequences (split over data x fsdp x expert)
   SEQ_LEN                tokens per packed sequence
   MIXTURE_OR_TASK_NAME   seqio Task or Mixture to train on (default: default_mixture)
   MESH_SHAPE             dict of mesh axis -> size over data, fsdp, tensor (one may be -1)
@@ -98,6 +98,33 @@ def _parser() -> argparse.ArgumentParser:
                           help="module imported to register Tasks (paxlike.tasks)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
+    generate = commands.add_parser(
+        "generate", help="continue prompts: greedy, sampled (temperature, top-k, top-p) or beams",
+        description="Generate tokens after prompts with a KV cache; see docs/generation.md. "
+                    "Example: paxlike generate --model_dir D --prompt 'def main(' "
+                    "--max_new_tokens 64")
+    generate.add_argument("--model_dir", required=True,
+                          help="a trained or converted model directory")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a text prompt (repeatable; byte-vocabulary models)")
+    prompt.add_argument("--prompt_file", metavar="FILE", help="text prompts, one per line")
+    prompt.add_argument("--prompt_ids", action="append", metavar="IDS",
+                        help='a prompt as token ids "1,2,3" (repeatable; any model)')
+    for flag, kind, default, text in (
+            ("--max_new_tokens", int, 32, "tokens after each prompt (32)"),
+            ("--temperature", float, 0.0, "0 = greedy (default)"),
+            ("--top_k", int, 0, "sample from the k most probable tokens (0: off)"),
+            ("--top_p", float, 1.0, "sample from the nucleus of mass p (1: off)"),
+            ("--num_samples", int, 1, "continuations per prompt (1)"),
+            ("--num_beams", int, 1, "beam search with this many beams (1: off)")):
+        generate.add_argument(flag, type=kind, default=default, help=text)
+    generate.add_argument("--length_penalty", type=float, default=0.6,
+                          help="beam search: alpha of ((5 + n) / 6)^alpha (0.6)")
+    generate.add_argument("--eos_id", type=int, help="stop token (default: the vocabulary's EOS)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the draws (0)")
+    generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
     from paxlike.parallel import layouts
 
     layouts.add_arguments(commands.add_parser(
@@ -109,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     from paxlike.hf.convert import add_convert_command
 
     add_convert_command(commands)
+
+    from paxlike.data.commands import add_data_command, add_vocab_command
+
+    add_data_command(commands)
+    add_vocab_command(commands)
     for command in commands.choices.values():
         if not any("--verbose" in a.option_strings for a in command._actions):
             command.add_argument("--verbose", action="store_true",
@@ -170,7 +202,9 @@ def _params(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     if args.json:
         print(json.dumps(counts))
         return
-    for key in ("total", "embedding", "non_embedding"):
+    # Mixture-of-experts models also say how many parameters one token uses.
+    keys = ("total", "active") if counts["active"] != counts["total"] else ("total",)
+    for key in (*keys, "embedding", "non_embedding"):
         print(f"{key:<16}{counts[key]:>20,}  ({_human(counts[key])})")
     print("by module:")
     for name, count in counts["by_module"].items():
@@ -250,6 +284,29 @@ def _eval(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     print(json.dumps(result.to_json()) if args.json else result.summary())
 
 
+def _generate(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    import json
+
+    from paxlike.errors import UserError
+    from paxlike.inference import generation
+    from paxlike.inference.load import load_model
+
+    if overrides:
+        raise UserError("generate takes no --gin.NAME=VALUE overrides")
+    # The prompts are read before the (possibly large) model is.
+    prompts = generation.cli_prompts(args.prompt, args.prompt_file, args.prompt_ids)
+    model = load_model(os.path.expanduser(args.model_dir))
+    result = model.generate(
+        prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples, seed=args.seed,
+        num_beams=args.num_beams, length_penalty=args.length_penalty, eos_id=args.eos_id)
+    if args.json:
+        for record in result.to_json():
+            print(json.dumps(record))
+    else:
+        print(result.summary())
+
+
 def _layouts(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     from paxlike.parallel import layouts
 
@@ -263,6 +320,24 @@ def _convert(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     if overrides:
         raise UserError("convert takes no --gin.NAME=VALUE overrides")
     run_convert(args)
+
+
+def _data(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from paxlike.data.commands import run_data
+    from paxlike.errors import UserError
+
+    if overrides:
+        raise UserError("data takes no --gin.NAME=VALUE overrides")
+    run_data(args)
+
+
+def _vocab(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from paxlike.data.commands import run_vocab
+    from paxlike.errors import UserError
+
+    if overrides:
+        raise UserError("vocab takes no --gin.NAME=VALUE overrides")
+    run_vocab(args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,8 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     from paxlike.train.faults import RunHalted
 
     try:
-        {"train": _train, "params": _params, "mfu": _mfu, "eval": _eval,
-         "layouts": _layouts, "convert": _convert}[args.command](args, overrides)
+        {"train": _train, "params": _params, "mfu": _mfu, "eval": _eval, "generate": _generate,
+         "layouts": _layouts, "convert": _convert, "data": _data,
+         "vocab": _vocab}[args.command](args, overrides)
     except UserError as e:
         _fail(str(e))
     except RunHalted as e:
