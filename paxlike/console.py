@@ -17,6 +17,8 @@ _NATIVE_NOISE = (
     re.compile(r"^WARNING: Logging before InitGoogle\(\) is written to STDERR"),
     re.compile(r"^=== Source Location Trace: ===\s*$"),
     re.compile(r"^[\w./-]+\.(cc|h):\d+\s*$"),  # a source location of such a trace
+    # SentencePiece's own logger (through TensorFlow Text): "normalizer.cc(51) LOG(INFO) ...".
+    re.compile(r"^[\w./-]+\.cc\(\d+\) LOG\((INFO|WARNING)\)"),
 )
 # Error-level native lines that are expected on a machine without a GPU or TPU attached.
 _EXPECTED_ERRORS = re.compile(

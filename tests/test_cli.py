@@ -71,3 +71,19 @@ def test_missing_model_dir_is_refused():
     result = _paxlike("train")
     assert result.returncode == 2
     assert "MODEL_DIR is not set; pass --model_dir DIR" in result.stderr
+
+
+@pytest.mark.parametrize("line,kept", [
+    ("I0000 00:00:1796031426.444527    9138 port.cc:153] oneDNN custom operations are on.", False),
+    ("E0000 00:00:1796031113.465775    5428 cuda_platform.cc:52] failed call to cuInit: x", False),
+    ("E0000 00:00:1796031113.465775    5428 pjrt_client.cc:52] an unexpected failure", True),
+    ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+     False),
+    ("normalizer.cc(51) LOG(INFO) normalizer_spec.name() is identity", False),
+    ("paxlike: step 10 loss=2.1", True),
+    ("Traceback (most recent call last):", True),
+])
+def test_the_terminal_filter_drops_routine_native_lines_only(line, kept):
+    from paxlike import console
+
+    assert console._keep(line) is kept
