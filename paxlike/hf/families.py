@@ -93,13 +93,15 @@ def _linear(name: str, hf_axes: str, params: tuple[str, ...], axes: str,
 
 
 _QKV = ("layers/attention/query", "layers/attention/key", "layers/attention/value")
+# Every Hugging Face family attends densely in every layer (no format holds a band).
 _SERIAL_PRE_NORM = {"block": "serial", "norm_placement": "pre", "residual_scale": 1.0,
-                    "final_norm": True, "logits_rsqrt_d_model": False}
+                    "final_norm": True, "logits_rsqrt_d_model": False, "attention_windows": (0,)}
 _LM_HEAD = TensorRule("lm_head.weight", "v d", ("output_proj/kernel",), "d v")
 _EMBED_STD = ConfigRule("embed_init_std", ("initializer_range",), 0.02)
 
 GPT2 = Family(
     name="gpt2", model_type="gpt2", architecture="GPT2LMHeadModel", prefix="transformer.",
+    # GPT-2 attends densely in every layer (GPT-3's banded layers have no HF format).
     model={**_SERIAL_PRE_NORM, "norm": "layernorm", "norm_bias": True, "use_bias": True,
            "position": "learned", "position_offset": 0, "embedding_norm": False},
     config=(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -14,10 +16,11 @@ from paxlike.model.embeddings import apply_rope
 from paxlike.model.kv_cache import CACHE_AXES_BSKH, KVCache, cached_attention, write
 
 
-def attention_mask(segment_ids_bt: jnp.ndarray) -> jnp.ndarray:
-    """(B, T, S) bool: query t may see key s iff s <= t and both lie in the same packed segment."""
+def attention_mask(segment_ids_bt: jnp.ndarray, window: int = 0) -> jnp.ndarray:
+    """(B, T, S) bool: query t sees key s iff s <= t (and t - s < window if banded), same segment."""
     length = segment_ids_bt.shape[1]
-    causal_ts = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+    distance_ts = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+    causal_ts = (distance_ts >= 0) & ((distance_ts < window) if window else True)
     same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
     return causal_ts[None] & same_segment_bts
 
@@ -35,19 +38,21 @@ def alibi_slopes(num_heads: int) -> jnp.ndarray:
 def causal_attention(
     q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray, positions_bt: jnp.ndarray,
     segment_ids_bt: jnp.ndarray, query_block: int, alibi_slopes_n: jnp.ndarray | None = None,
+    window: int = 0,
 ) -> jnp.ndarray:
     """softmax(q k^T + bias, masked) v with N query heads over K K/V heads, in query blocks.
 
     Queries are split into blocks of `query_block` (0: one block); block [lo, hi) only
-    meets keys [0, hi), since causality masks the rest. That skips the upper triangle
-    of the score matrix (5/8 of the work at 4 blocks, half in the limit) and keeps each
-    block's scores small enough to stay in cache on a CPU. q is already scaled.
+    meets keys [0, hi), since causality masks the rest, and with a band of `window`
+    only keys [lo - window + 1, hi). That skips the upper triangle of the score matrix
+    (5/8 of the work at 4 blocks, half in the limit) and keeps each block's scores
+    small enough to stay in cache on a CPU. q is already scaled.
     """
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     g = n // k
     dt = q_btnh.dtype
-    mask_bts = attention_mask(segment_ids_bt)
+    mask_bts = attention_mask(segment_ids_bt, window)
     # With one query head per K/V head the group axis is dropped: XLA's CPU backend
     # runs the 4-D form markedly faster than the same contraction with a unit axis.
     if g == 1:
@@ -59,18 +64,20 @@ def causal_attention(
     outs = []
     for lo in range(0, t, block):
         hi = min(lo + block, t)
-        logits = jnp.einsum(scores, q_btkh[:, lo:hi], k_bskh[:, :hi]).astype(jnp.float32)
+        first = max(lo - window + 1, 0) if window else 0
+        logits = jnp.einsum(scores, q_btkh[:, lo:hi], k_bskh[:, first:hi]).astype(jnp.float32)
         # The score tensor is (b, k[, g], t, s): expand per-(b, t, s) terms to match.
         expand = (slice(None),) + (None,) * (logits.ndim - 3)
         if alibi_slopes_n is not None:
             # Bias each score by -slope * distance, measured within the document.
-            distance = (positions_bt[:, lo:hi, None] - positions_bt[:, None, :hi]).astype(
+            distance = (positions_bt[:, lo:hi, None] - positions_bt[:, None, first:hi]).astype(
                 jnp.float32)
             slopes = alibi_slopes_n.reshape((k, g) if g > 1 else (k,))
             logits = logits - slopes[(None, ...) + (None, None)] * distance[expand]
-        logits = jnp.where(mask_bts[:, lo:hi, :hi][expand], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask_bts[:, lo:hi, first:hi][expand], logits,
+                           jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        outs.append(jnp.einsum(combine, probs, v_bskh[:, :hi]))
+        outs.append(jnp.einsum(combine, probs, v_bskh[:, first:hi]))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return out.reshape(b, t, n, h)
 
@@ -78,7 +85,7 @@ def causal_attention(
 def attend(
     impl: str, q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
     positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray, query_block: int, key_block: int,
-    alibi_slopes_n: jnp.ndarray | None = None, interpret: bool = False,
+    alibi_slopes_n: jnp.ndarray | None = None, interpret: bool = False, window: int = 0,
 ) -> jnp.ndarray:
     """Attention by `impl` (ModelConfig.attention_impl); kernels that cannot apply fall back."""
     # `interpret` runs the splash kernel in Pallas's interpreter: how CPU tests check it.
@@ -86,6 +93,11 @@ def attend(
     alibi = alibi_slopes_n is not None
     if impl == "auto":
         impl = {"tpu": "splash", "gpu": "cudnn"}.get(kernels.trace_platform(), "blockwise")
+    if window and impl in ("splash", "cudnn"):
+        # The fused kernels are called with a causal mask only; a band would be a new mask.
+        kernels.warn_once(f"attention: the {impl} path has no local band; banded layers use "
+                          "'blockwise' instead")
+        impl = "blockwise"
     if impl == "splash":
         reason = kernels.splash_unsupported(q_btnh, k_bskh, key_block, alibi, interpret)
         if reason is None:
@@ -98,14 +110,14 @@ def attend(
             return kernels.cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt)
         kernels.warn_once(f"attention: {reason}; using 'blockwise' instead")
     elif impl == "reference":
-        return causal_attention(*args, query_block, alibi_slopes_n)
+        return causal_attention(*args, query_block, alibi_slopes_n, window)
     elif impl != "blockwise":
         raise ValueError(f"unknown attention implementation {impl!r}")
     # When each query block meets a single key block there is nothing to stream: the
     # dense blocks are exact, have no loop, and were the fastest on CPU at T <= 512.
     if q_btnh.shape[1] <= key_block:
-        return causal_attention(*args, query_block, alibi_slopes_n)
-    return blockwise_attention(*args, query_block, key_block, alibi_slopes_n)
+        return causal_attention(*args, query_block, alibi_slopes_n, window)
+    return blockwise_attention(*args, query_block, key_block, alibi_slopes_n, window)
 
 
 class Attention(nn.Module):
@@ -116,9 +128,13 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(
         self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | None = None, layer: int | jnp.ndarray | None = None,
     ) -> jnp.ndarray | tuple[jnp.ndarray, KVCache]:
-        """The attention output; decoding (with this layer's `kv_cache`) also the updated cache."""
+        """The attention output; decoding (with this layer's `kv_cache`) also the updated cache.
+
+        `layer` (a scanned stack's traced index, or an int) picks the layer's band from
+        cfg.layer_windows; None when every layer has the same one.
+        """
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = cfg.compute_dtype
@@ -139,20 +155,39 @@ class Attention(nn.Module):
             k_bskh = apply_rope(k_bskh, positions_bt, cfg.rope_max_wavelength)
 
         slopes_n = alibi_slopes(n) if cfg.position == "alibi" else None
+        windows = cfg.layer_windows
+        if layer is None:
+            if len(set(windows)) > 1:
+                raise ValueError("layers with different attention windows need their layer index")
+            window = windows[0]
+        elif isinstance(layer, int):
+            window = windows[layer]
+        else:
+            window = jnp.asarray(windows, jnp.int32)[layer]
         if kv_cache is not None:
             # Decoding: store this call's keys and values at their positions, then attend
             # over everything cached (segment ids play no part: a row is one document).
             kv_cache = write(kv_cache, k_bskh, v_bskh, positions_bt).map(
                 lambda a: nn.with_logical_constraint(a, CACHE_AXES_BSKH))
             out_btnh = cached_attention(q_btnh * jnp.asarray(h**-0.5, dt), kv_cache.keys,
-                                        kv_cache.values, positions_bt, slopes_n)
+                                        kv_cache.values, positions_bt, slopes_n, window)
         else:
             # Initialisation only needs shapes (its batch may be a single row that no mesh
             # axis divides): the kernels are left to the real step.
             impl = "blockwise" if self.is_initializing() else cfg.attention_impl
-            out_btnh = attend(impl, q_btnh * jnp.asarray(h**-0.5, dt), k_bskh, v_bskh,
-                              positions_bt, segment_ids_bt, cfg.attention_query_block,
-                              cfg.attention_key_block, slopes_n)
+            run = functools.partial(attend, impl, query_block=cfg.attention_query_block,
+                                    key_block=cfg.attention_key_block, alibi_slopes_n=slopes_n)
+            args = (q_btnh * jnp.asarray(h**-0.5, dt), k_bskh, v_bskh, positions_bt,
+                    segment_ids_bt)
+            if isinstance(window, int):
+                out_btnh = run(*args, window=window)
+            else:
+                # A scanned stack shares one traced body: each distinct band is its own branch,
+                # so every branch keeps a static band (and its skipped key blocks).
+                choices = sorted(set(windows))
+                index = jnp.asarray([choices.index(w) for w in windows], jnp.int32)[layer]
+                out_btnh = jax.lax.switch(
+                    index, [functools.partial(run, window=w) for w in choices], *args)
         out_btnh = nn.with_logical_constraint(
             out_btnh, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         out_btd = DenseGeneral(

@@ -5,7 +5,9 @@
 # weighted sum per row. Temporaries are (query_block x key_block) per head, never
 # (T x T). The backward pass is a custom VJP that saves only q, k, v, the output and
 # the per-row logsumexp and recomputes each block's scores: autodiff of the loops
-# would store every block's probabilities, which is T x T again.
+# would store every block's probabilities, which is T x T again. A banded layer
+# (window W) also lets query block q skip every key block outside [q_start - W + 1,
+# q_end], so it costs O(T x W).
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class _Spec(NamedTuple):
     length: int  # valid positions; the arrays are padded past it
     grouped: bool  # q carries a group axis (more than one query head per K/V head)
     alibi: bool
+    window: int = 0  # a query sees the last `window` keys, itself included; 0 = all earlier ones
 
 
 def _eqs(grouped: bool) -> dict[str, str]:
@@ -41,14 +44,16 @@ def _eqs(grouped: bool) -> dict[str, str]:
 
 
 def _masked_logits(spec: _Spec, q_blk, k_blk, posq_bt, segq_bt, posk_bs, segk_bs, slopes,
-                   q0, s0):
+                   q0, s0, live=True):
     """Float32 scores of one (query block, key block) pair, masked as the reference masks them."""
     logits = jnp.einsum(_eqs(spec.grouped)["scores"], q_blk, k_blk,
                         preferred_element_type=jnp.float32)
     rows_t = q0 + jnp.arange(spec.query_block)
     cols_s = s0 + jnp.arange(spec.key_block)
     mask_bts = (cols_s[None, None, :] <= rows_t[None, :, None]) & (
-        segq_bt[:, :, None] == segk_bs[:, None, :])
+        segq_bt[:, :, None] == segk_bs[:, None, :]) & live
+    if spec.window:
+        mask_bts = mask_bts & (rows_t[:, None] - cols_s[None, :] < spec.window)[None]
     # The score tensor is (b, k[, g], t, s): expand per-(b, t, s) terms to match.
     expand = (slice(None),) + (None,) * (logits.ndim - 3)
     if spec.alibi:
@@ -62,6 +67,29 @@ def _key_blocks(spec: _Spec, i):
     """How many key blocks query block i meets: those holding keys [0, min(hi, T))."""
     hi = jnp.minimum((i + 1) * spec.query_block, spec.length)
     return (hi + spec.key_block - 1) // spec.key_block
+
+
+def _band_blocks(spec: _Spec) -> int:
+    """Most key blocks one query block overlaps under the band: qb + W - 1 consecutive keys."""
+    span = spec.query_block + spec.window - 1
+    return min(-(-(span - 1) // spec.key_block) + 1, -(-spec.length // spec.key_block))
+
+
+def _over_key_blocks(spec: _Spec, i, body, init):
+    """Folds body(j, live, state) over the key blocks query block i meets (live False: skip it)."""
+    if not spec.window:
+        return jax.lax.fori_loop(0, _key_blocks(spec, i), lambda j, st: body(j, True, st), init)
+    # Walk back from the block holding the last causal key; the band's blocks are a static
+    # few, so the loop is unrolled into straight-line code. Steps past the band's first
+    # block (near the sequence start) are clamped to block 0 and masked out entirely.
+    q0 = i * spec.query_block
+    last = (jnp.minimum(q0 + spec.query_block, spec.length) - 1) // spec.key_block
+    first = jnp.maximum(q0 - spec.window + 1, 0) // spec.key_block
+
+    def step(r, state):
+        return body(jnp.maximum(last - r, 0), last - r >= first, state)
+
+    return jax.lax.fori_loop(0, _band_blocks(spec), step, init, unroll=True)
 
 
 def _slice_t(x, start, size, axis=1):
@@ -81,12 +109,12 @@ def _forward(spec: _Spec, q, k, v, posq, segq, posk, segk, slopes):
         q0 = i * qb
         q_blk, posq_blk, segq_blk = (_slice_t(a, q0, qb) for a in (q, posq, segq))
 
-        def k_body(j, state):
+        def k_body(j, live, state):
             m, l, acc = state
             s0 = j * kb
             logits, mask = _masked_logits(spec, q_blk, _slice_t(k, s0, kb), posq_blk, segq_blk,
                                           _slice_t(posk, s0, kb), _slice_t(segk, s0, kb),
-                                          slopes, q0, s0)
+                                          slopes, q0, s0, live)
             m_new = jnp.maximum(m, logits.max(-1))
             # Masked entries contribute nothing even while a row's max is still the mask value.
             p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
@@ -96,7 +124,7 @@ def _forward(spec: _Spec, q, k, v, posq, segq, posk, segk, slopes):
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
         init = (jnp.full(stat_shape, _NEG), jnp.zeros(stat_shape), jnp.zeros(acc_shape))
-        m, l, acc = jax.lax.fori_loop(0, _key_blocks(spec, i), k_body, init)
+        m, l, acc = _over_key_blocks(spec, i, k_body, init)
         # Every row sees at least itself (causal, same segment), so l > 0 for valid rows.
         l = jnp.where(l > 0, l, 1.0)
         out_blk = jnp.moveaxis(acc / l[..., None], -2, 1).astype(q.dtype)
@@ -132,13 +160,13 @@ def _flash_bwd(spec, res, dout):
         q_blk, do_blk, posq_blk, segq_blk = (_slice_t(a, q0, qb) for a in (q, dout, posq, segq))
         lse_blk, delta_blk = (_slice_t(a, q0, qb, a.ndim - 1) for a in (lse, delta))
 
-        def k_body(j, state):
+        def k_body(j, live, state):
             dq_blk, dk, dv = state
             s0 = j * kb
             k_blk, v_blk = _slice_t(k, s0, kb), _slice_t(v, s0, kb)
             logits, mask = _masked_logits(spec, q_blk, k_blk, posq_blk, segq_blk,
                                           _slice_t(posk, s0, kb), _slice_t(segk, s0, kb),
-                                          slopes, q0, s0)
+                                          slopes, q0, s0, live)
             p = jnp.where(mask, jnp.exp(logits - lse_blk[..., None]), 0.0)
             dp = jnp.einsum(eqs["scores"], do_blk, v_blk, preferred_element_type=jnp.float32)
             ds = (p * (dp - delta_blk[..., None])).astype(q.dtype)
@@ -151,7 +179,7 @@ def _flash_bwd(spec, res, dout):
             return dq_blk, dk, dv
 
         init = (jnp.zeros(q_blk.shape, jnp.float32), dk, dv)
-        dq_blk, dk, dv = jax.lax.fori_loop(0, _key_blocks(spec, i), k_body, init)
+        dq_blk, dk, dv = _over_key_blocks(spec, i, k_body, init)
         dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_blk.astype(dq.dtype), q0, 1)
         return dq, dk, dv
 
@@ -173,7 +201,7 @@ def _pad_t(x, length: int, value=0):
 def blockwise_attention(
     q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray, positions_bt: jnp.ndarray,
     segment_ids_bt: jnp.ndarray, query_block: int, key_block: int,
-    alibi_slopes_n: jnp.ndarray | None = None,
+    alibi_slopes_n: jnp.ndarray | None = None, window: int = 0,
 ) -> jnp.ndarray:
     """Same contract as attention.causal_attention (q already scaled), in (query, key) blocks."""
     b, t, n, h = q_btnh.shape
@@ -193,6 +221,6 @@ def blockwise_attention(
         slopes = jnp.zeros((k, g) if g > 1 else (k,), jnp.float32)
     else:
         slopes = jnp.asarray(alibi_slopes_n, jnp.float32).reshape((k, g) if g > 1 else (k,))
-    spec = _Spec(qb, kb, t, g > 1, alibi_slopes_n is not None)
+    spec = _Spec(qb, kb, t, g > 1, alibi_slopes_n is not None, window)
     out = _flash(spec, q, k_pad, v_pad, posq, segq, posk, segk, slopes)
     return out[:, :t].reshape(b, t, n, h)

@@ -49,13 +49,18 @@ class Block(nn.Module):
     config: ModelConfig
     train: bool = False  # training routes differently (capacity, noise, balanced assignment)
     moe: bool = False  # the MLP is a mixture of experts (moe.MoeMlp)
+    # This layer's index in an unrolled stack: a module attribute, so it stays static
+    # under nn.remat (a call argument would be traced) and picks the layer's band.
+    layer_index: int | None = None
 
     @nn.compact
     def __call__(
         self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | None = None, layer: jnp.ndarray | None = None,
     ) -> tuple[jnp.ndarray, KVCache | None]:
+        """`layer`: a scanned stack's traced layer index, given when layers' bands differ."""
         cfg = self.config
+        layer = self.layer_index if self.layer_index is not None else layer
         if cfg.layer_grad_boundary == "on":
             x_btd = grad_boundary(x_btd)
         x_btd = nn.with_logical_constraint(x_btd, _ACT_BTD)
@@ -64,8 +69,8 @@ class Block(nn.Module):
 
         def attend(h_btd):
             if kv_cache is None:
-                return attention(h_btd, positions_bt, segment_ids_bt)
-            out_btd, cache = attention(h_btd, positions_bt, segment_ids_bt, kv_cache)
+                return attention(h_btd, positions_bt, segment_ids_bt, None, layer)
+            out_btd, cache = attention(h_btd, positions_bt, segment_ids_bt, kv_cache, layer)
             updated.append(cache)
             return out_btd
 
@@ -101,14 +106,18 @@ class LayerGroup(nn.Module):
     @nn.compact
     def __call__(
         self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | None = None, group: jnp.ndarray | None = None,
     ) -> tuple[jnp.ndarray, KVCache | None]:
-        """Decoding passes the group's (moe_every, batch, ...) cache and gets it back updated."""
+        """Decoding passes the group's (moe_every, batch, ...) cache and gets it back updated.
+
+        `group`: the scanned group's traced index, given when layers' bands differ.
+        """
         last = self.config.moe_every - 1
         caches = []
         for j in range(last + 1):
-            layer_cache = () if kv_cache is None else (kv_cache.layer(j),)
+            layer = None if group is None else group * self.config.moe_every + j
             x_btd, cache = self.block(self.config, self.train, j == last, name=f"layer_{j}")(
-                x_btd, positions_bt, segment_ids_bt, *layer_cache)
+                x_btd, positions_bt, segment_ids_bt,
+                None if kv_cache is None else kv_cache.layer(j), layer)
             caches.append(cache)
         return x_btd, (None if kv_cache is None else stack_layers(caches))

@@ -22,6 +22,7 @@ _CHOICES = {
     "attention_impl": ("auto", "splash", "cudnn", "blockwise", "reference"),
     "router": ("switch", "gshard", "base"),
     "moe_dispatch": ("dropping", "dropless"),
+    "dense_init": ("fan_in", "xavier_normal"),
 }
 # Choices per token each router makes: None = any experts_per_token (top-k).
 _ROUTER_CHOICES = {"switch": None, "gshard": 2, "base": 1}
@@ -44,6 +45,12 @@ class ModelConfig:
     # a = (2 * num_layers)^0.5); sandwich x + N'(f(N(x))).
     norm_placement: str = "pre"
     residual_scale: float = 1.0
+    # Kernel init of the dense projections: 'fan_in' truncated normal (PaLM) or
+    # 'xavier_normal' N(0, 2 / (fan_in + fan_out)) (DeepNet, GLM-130B).
+    dense_init: str = "fan_in"
+    # DeepNorm's beta (Wang et al. 2022): a gain on the init of the value, attention output
+    # and feed-forward kernels; query and key keep gain 1 (dense.DEEPNORM_SCALED).
+    deepnorm_beta: float = 1.0
     embedding_norm: bool = False  # a norm right after the token embedding (BLOOM)
     final_norm: bool = True
     norm: str = "layernorm"
@@ -73,6 +80,10 @@ class ModelConfig:
     # masked scores and is the numerical reference the others are tested against.
     attention_impl: str = "auto"
     attention_key_block: int = 512
+    # Attention band per layer, the tuple repeated over the stack: layer i's queries see
+    # only the last attention_windows[i % len] keys (themselves included); 0 = dense
+    # causal. GPT-3 alternates (0, 256). A banded layer costs O(T x W), not O(T^2).
+    attention_windows: tuple[int, ...] = (0,)
     # Sequence positions per chunk of the output projection + cross-entropy: the
     # (batch, T, vocab) float32 logits never exist at once (0 = one chunk).
     loss_chunk: int = 512
@@ -137,8 +148,21 @@ class ModelConfig:
         if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
             raise UserError(f"ModelConfig.loss_chunk = {self.loss_chunk!r}; it must be an int "
                             ">= 0 (0 = the whole sequence in one chunk)")
+        if not self.deepnorm_beta > 0:
+            raise UserError(f"ModelConfig.deepnorm_beta = {self.deepnorm_beta!r}; it must be > 0")
+        if self.deepnorm_beta != 1.0 and self.num_experts:
+            # Expert kernels are drawn by moe.py's own initialiser, which beta does not reach.
+            raise UserError("ModelConfig.deepnorm_beta scales dense MLPs only; set "
+                            "deepnorm_beta = 1.0 or num_experts = 0")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if isinstance(self.attention_windows, list):  # gin spells [0, 256] as a list
+            object.__setattr__(self, "attention_windows", tuple(self.attention_windows))
+        windows = self.attention_windows
+        if (not isinstance(windows, tuple) or not windows
+                or any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in windows)):
+            raise UserError(f"ModelConfig.attention_windows = {windows!r}; it must be a non-empty "
+                            "tuple of ints >= 0 (0 = dense), e.g. (0, 256)")
         self._check_moe()
 
     def _check_moe(self) -> None:
@@ -230,3 +254,9 @@ class ModelConfig:
         if not self.num_experts:
             return ()
         return tuple(i for i in range(self.num_layers) if (i + 1) % self.moe_every == 0)
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Each layer's attention band (0 = dense): attention_windows repeated over the stack."""
+        pattern = self.attention_windows
+        return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))

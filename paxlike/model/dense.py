@@ -1,4 +1,4 @@
-"""Bias-optional einsum projections whose kernels carry logical axis names and fan-in init."""
+"""Bias-optional einsum projections whose kernels carry logical axis names and fan-in (or Xavier) init."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ from typing import Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
+
+# DeepNorm's beta scales the init of these projections, by their module names in
+# attention.Attention and mlp.Mlp; the query and key keep gain 1 (DeepNet, sec. 3).
+DEEPNORM_SCALED = frozenset({"value", "out", "wi_gate", "wi_up", "wo"})
 
 
 class DenseGeneral(nn.Module):
@@ -22,8 +26,14 @@ class DenseGeneral(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         out_axes = tuple(i for i in range(len(self.shape)) if i not in tuple(self.in_axes))
+        # The owning Attention / Mlp carries the ModelConfig; reading the init choice from it
+        # keeps the projections' call sites unchanged.
+        cfg = getattr(self.parent, "config", None)
+        gain = cfg.deepnorm_beta if cfg is not None and self.name in DEEPNORM_SCALED else 1.0
+        mode, distribution = ("fan_avg", "normal") if (
+            cfg is not None and cfg.dense_init == "xavier_normal") else ("fan_in", "truncated_normal")
         init = nn.initializers.variance_scaling(
-            1.0, "fan_in", "truncated_normal", in_axis=tuple(self.in_axes), out_axis=out_axes
+            gain**2, mode, distribution, in_axis=tuple(self.in_axes), out_axis=out_axes
         )
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axis_names), self.shape,
                             self.param_dtype)

@@ -54,15 +54,25 @@ def matmul_params(params_shapes, cfg: ModelConfig | None = None) -> int:
     return total
 
 
+def attention_keys(cfg: ModelConfig, seq_len: int) -> int:
+    """Keys per query summed over the layers: T for a dense layer, min(W, T) for a band of W.
+
+    PaLM's dense convention counts all T keys for every query (the causal mask is not
+    subtracted); a banded layer is counted the same way over its band, min(W, T) keys
+    per query (the shorter band of the first W - 1 queries is not subtracted either).
+    """
+    return sum(min(w, seq_len) if w else seq_len for w in cfg.layer_windows)
+
+
 def model_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int,
                           include_attention: bool = True) -> float:
-    """6N + 12·L·H·Q·T: forward+backward matmul FLOPs plus attention scores and values."""
+    """6N + 12·H·Q·Σ_l T_l: matmul FLOPs plus attention scores and values (T_l: attention_keys)."""
     n = matmul_params(params_shapes, cfg)
     if cfg.tie_embeddings:
         n += cfg.vocab_size * cfg.d_model
     flops = 6.0 * n
     if include_attention:
-        flops += 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+        flops += 12.0 * cfg.num_heads * cfg.head_dim * attention_keys(cfg, seq_len)
     return flops
 
 
@@ -87,7 +97,7 @@ def hardware_flops_per_token(cfg: ModelConfig, params_shapes, seq_len: int) -> f
     `cfg.attention_impl` should be resolved for the platform (ModelConfig.for_platform).
     """
     model = model_flops_per_token(cfg, params_shapes, seq_len)
-    attention_fwd = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    attention_fwd = 4.0 * cfg.num_heads * cfg.head_dim * attention_keys(cfg, seq_len)
     flops = model
     if cfg.remat_policy == "full":
         # Every layer's forward again; the output projection sits outside the remat'ed

@@ -72,9 +72,12 @@ def write(cache: KVCache, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray,
 
 
 def cached_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
-                     positions_bt: jnp.ndarray, alibi_slopes_n: jnp.ndarray | None = None
-                     ) -> jnp.ndarray:
+                     positions_bt: jnp.ndarray, alibi_slopes_n: jnp.ndarray | None = None,
+                     window: int | jnp.ndarray = 0) -> jnp.ndarray:
     """softmax(q k^T + bias) v over the cached slots s <= each query's position; q already scaled.
+
+    A banded layer (`window` > 0, possibly traced) sees only the slots within window - 1
+    positions of the query; 0 = every earlier slot.
 
     The reference computation (materialised scores) over the whole cache: with one query per
     row the scores are (batch, heads, 1, max_length), small next to the cache itself.
@@ -90,7 +93,8 @@ def cached_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarr
         slopes_kg = alibi_slopes_n.reshape(k, g)
         logits_bkgts = logits_bkgts - (slopes_kg[None, :, :, None, None]
                                        * distance_bts[:, None, None].astype(jnp.float32))
-    logits_bkgts = jnp.where(distance_bts[:, None, None] >= 0, logits_bkgts,
+    visible_bts = (distance_bts >= 0) & ((distance_bts < window) | (window == 0))
+    logits_bkgts = jnp.where(visible_bts[:, None, None], logits_bkgts,
                              jnp.finfo(jnp.float32).min)
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(q_btnh.dtype)
     out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)

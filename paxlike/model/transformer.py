@@ -86,11 +86,18 @@ class Transformer(nn.Module):
             if kv_cache is not None:
                 cache_xs = (kv_cache.map(lambda a: a.reshape(length, -1, *a.shape[1:]))
                             if cfg.num_experts else kv_cache,)
+            in_axes = (nn.broadcast, nn.broadcast) + (0,) * len(cache_xs)
+            if len(set(cfg.layer_windows)) > 1:
+                # Layers with different bands share the scanned body: each iteration gets
+                # its index (of the layer, or of the MoE group) to pick its band.
+                if not cache_xs:
+                    cache_xs, in_axes = (None,), in_axes + (nn.broadcast,)
+                cache_xs, in_axes = cache_xs + (jnp.arange(length, dtype=jnp.int32),), in_axes + (0,)
             stack = nn.scan(
                 unit,
                 variable_axes={"params": 0, MOE_AUX: 0},
                 split_rngs={"params": True, "moe": True},
-                in_axes=(nn.broadcast, nn.broadcast) + (0,) * len(cache_xs),
+                in_axes=in_axes,
                 length=length,
                 unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
@@ -102,7 +109,7 @@ class Transformer(nn.Module):
             caches = []
             for i in range(cfg.num_layers):
                 layer_cache = () if kv_cache is None else (kv_cache.layer(i),)
-                x_btd, cache = block(cfg, train, i in cfg.moe_layers, name=f"layers_{i}")(
+                x_btd, cache = block(cfg, train, i in cfg.moe_layers, i, name=f"layers_{i}")(
                     x_btd, positions_bt, segment_ids_bt, *layer_cache)
                 caches.append(cache)
             kv_cache = None if kv_cache is None else stack_layers(caches)
