@@ -156,10 +156,14 @@ class Attention(nn.Module):
 
         slopes_n = alibi_slopes(n) if cfg.position == "alibi" else None
         windows = cfg.layer_windows
-        if layer is None:
-            if len(set(windows)) > 1:
-                raise ValueError("layers with different attention windows need their layer index")
+        if kv_cache is None:
+            # A band as wide as the sequence is no band: such layers take the dense path
+            # (and a stack whose bands all are, the one shared by every layer).
+            windows = tuple(0 if w >= k_bskh.shape[1] else w for w in windows)
+        if len(set(windows)) == 1:
             window = windows[0]
+        elif layer is None:
+            raise ValueError("layers with different attention windows need their layer index")
         elif isinstance(layer, int):
             window = windows[layer]
         else:
