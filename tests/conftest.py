@@ -39,3 +39,23 @@ def read_metrics(model_dir):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def random_language_model(cfg, seed: int = 0):
+    """A LanguageModel of `cfg` with Gaussian parameters (norm scales near 1, biases non-zero, so every term counts)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from paxlike.inference.load import LanguageModel
+    from paxlike.model import param_tree
+    from paxlike.model.param_count import abstract_params
+
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_tree.shapes(abstract_params(cfg)).items():
+        leaf = name.rsplit("/", 1)[-1]
+        noise = rng.standard_normal(shape).astype(np.float32)
+        params[name] = {"scale": 1 + 0.1 * noise, "bias": 0.1 * noise,
+                        "embedding": noise}.get(leaf, 0.1 * noise)
+    return LanguageModel(cfg, jax.tree.map(jnp.asarray, param_tree.unflatten(params)))

@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_language_model
 
 from paxlike import gin_config
 from paxlike.errors import UserError
 from paxlike.inference import decode, sampling
 from paxlike.inference.load import LanguageModel
-from paxlike.model import flops, param_tree
+from paxlike.model import flops
 from paxlike.model.attention import attention_mask, causal_attention
 from paxlike.model.attention_blockwise import blockwise_attention
 from paxlike.model.config import ModelConfig
@@ -174,24 +175,12 @@ def test_tiny_gpt3_with_a_band_trains_three_steps():
     assert 4.0 < losses[0] < 7.0, losses  # near ln(384) at initialisation
 
 
-def _random_model(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
-    """Gaussian parameters of the model's shapes (norm scales near 1, biases non-zero)."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in param_tree.shapes(abstract_params(cfg)).items():
-        leaf = name.rsplit("/", 1)[-1]
-        noise = rng.standard_normal(shape).astype(np.float32)
-        params[name] = {"scale": 1 + 0.1 * noise, "bias": 0.1 * noise,
-                        "embedding": noise}.get(leaf, 0.1 * noise)
-    return LanguageModel(cfg, jax.tree.map(jnp.asarray, param_tree.unflatten(params)))
-
-
 @pytest.mark.parametrize("scan", [True, False])
 def test_banded_cached_decoding_equals_full_recomputation(scan):
     gin_config.parse(["models/tiny_gpt3.gin"], {})
     cfg = dataclasses.replace(gin_config.build(ModelConfig), attention_windows=(3, 0),
                               scan_layers=scan, max_seq_len=64)
-    model = _random_model(cfg)
+    model = random_language_model(cfg)
     prompts = [[0, 5, 9], [0, 40, 41, 42, 43, 44, 45, 46, 47, 48], [0, 7, 8, 9, 10, 11]]
     new = 6
     out = decode.sample(cfg, model.params, prompts, new, sampling.Sampler(), return_logits=True)

@@ -13,15 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_language_model
 from scipy import stats
 
 from paxlike import gin_config
 from paxlike.errors import UserError
 from paxlike.inference import beam_search, decode, generation, sampling
 from paxlike.inference.load import LanguageModel, load_model
-from paxlike.model import kv_cache, param_tree
+from paxlike.model import kv_cache
 from paxlike.model.config import ModelConfig
-from paxlike.model.param_count import abstract_params
 
 # Rows of different lengths in one batch: positions, padding and stopping are per row.
 MIXED_PROMPTS = [[0, 5, 9], [0, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56],
@@ -32,18 +32,6 @@ def _family_config(name: str, **changes) -> ModelConfig:
     """The ModelConfig a tiny_*.gin file binds, with `changes`."""
     gin_config.parse([f"models/{name}.gin"], {})
     return dataclasses.replace(gin_config.build(ModelConfig), **changes)
-
-
-def _random_model(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
-    """Gaussian parameters of the model's shapes (norm scales near 1, biases non-zero, so every term counts)."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in param_tree.shapes(abstract_params(cfg)).items():
-        leaf = name.rsplit("/", 1)[-1]
-        noise = rng.standard_normal(shape).astype(np.float32)
-        params[name] = {"scale": 1 + 0.1 * noise, "bias": 0.1 * noise,
-                        "embedding": noise}.get(leaf, 0.1 * noise)
-    return LanguageModel(cfg, jax.tree.map(jnp.asarray, param_tree.unflatten(params)))
 
 
 def _full_logits(model: LanguageModel, rows: list[list[int]]) -> np.ndarray:
@@ -65,7 +53,7 @@ def test_cached_decoding_equals_full_recomputation(name, scan):
     changes = {"scan_layers": scan}
     if "moe" in name:
         changes["eval_capacity_factor"] = 8.0
-    model = _random_model(_family_config(name, **changes))
+    model = random_language_model(_family_config(name, **changes))
     new = 6
     out = decode.sample(model.config, model.params, MIXED_PROMPTS, new, sampling.Sampler(),
                         return_logits=True)
@@ -147,7 +135,7 @@ def test_beam_search_equals_enumeration():
     # Vocabulary of 5 (EOS = 1): 4 words, so 3 new tokens leave 16 prefixes to keep alive.
     cfg = ModelConfig.from_fields(vocab_size=5, num_layers=2, d_model=32, num_heads=4,
                                   num_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=64)
-    model = _random_model(cfg, seed=3)
+    model = random_language_model(cfg, seed=3)
     prompts, eos, new, beams = [[0, 3, 4, 2], [0, 2]], 1, 3, 16
     hypotheses = [_hypotheses(model, prompt, eos, new) for prompt in prompts]
     for alpha in (0.0, 0.6):
@@ -224,7 +212,7 @@ def test_multi_query_cache_is_num_heads_times_smaller():
     mha = dataclasses.replace(mqa, num_kv_heads=8)
     caches = {}
     for name, cfg in (("mqa", mqa), ("mha", mha)):
-        params = _random_model(cfg).params
+        params = random_language_model(cfg).params
         tokens_bp = jnp.zeros((2, 16), jnp.int32)
         _, caches[name] = jax.jit(decode.prefill, static_argnums=(0, 4))(
             cfg, params, tokens_bp, jnp.array([3, 16]), 64)
@@ -235,7 +223,7 @@ def test_multi_query_cache_is_num_heads_times_smaller():
 
 
 def test_prompt_lengths_share_bucketed_programs():
-    model = _random_model(_family_config("tiny_palm"))
+    model = random_language_model(_family_config("tiny_palm"))
     model.generate([[0, 1, 2]], max_new_tokens=4)  # compiles the 16-token bucket
     before = decode.compiled_programs()
     for length in (2, 5, 9, 13):  # 13 + 4 - 1 = 16 cache slots: the same step program too
@@ -246,7 +234,7 @@ def test_prompt_lengths_share_bucketed_programs():
 
 
 def test_eos_stops_a_row_which_then_emits_pad():
-    model = _random_model(_family_config("tiny_llama"))
+    model = random_language_model(_family_config("tiny_llama"))
     free = decode.sample(model.config, model.params, MIXED_PROMPTS, 8, sampling.Sampler())
     eos = int(free.tokens_bn[0, 2])  # row 0's third token
     out = decode.sample(model.config, model.params, MIXED_PROMPTS, 8, sampling.Sampler(),
@@ -281,7 +269,7 @@ def test_eos_stops_a_row_which_then_emits_pad():
 ])
 def test_bad_arguments_are_user_errors(kwargs, message):
     cfg = _family_config("tiny_gpt3", max_seq_len=64)
-    model = _random_model(cfg)
+    model = random_language_model(cfg)
     model.vocabulary = generation.ByteVocabulary()
     kwargs = {"prompts": [[0, 5]], **kwargs}
     with pytest.raises(UserError, match=message):
