@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import gin
 import numpy as np
 import pytest
 import seqio
@@ -43,8 +44,9 @@ def _splits(directory):
 
 
 def _build(tmp_path, name, inputs, out, **options):
+    # One process: on these tiny corpora worker processes would only add their start-up.
     return build(BuildOptions(name=name, inputs=tuple(str(i) for i in inputs), out=str(out), **options),
-                 show_progress=False)
+                 show_progress=False, num_workers=1)
 
 
 def _shingle_set(text):
@@ -257,8 +259,10 @@ def test_a_killed_build_leaves_nothing_and_the_next_one_cleans_up(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "data" / "out"
     (tmp_path / "data").mkdir()
+    # One process, so the predicate kills the build itself rather than a worker.
     killed = _paxlike("data", "build", "--name", "k", "--input", str(tmp_path / "in.jsonl"),
-                      "--filter", "killer:keep", "--out", str(out), "--no_progress", env=env)
+                      "--filter", "killer:keep", "--out", str(out), "--no_progress",
+                      "--num_workers", "1", env=env)
     assert killed.returncode == -signal.SIGKILL
     leftovers = os.listdir(tmp_path / "data")
     assert not out.exists() and len(leftovers) == 1 and leftovers[0].startswith(".out.partial-")
@@ -320,6 +324,23 @@ def test_vocabulary_round_trips_exactly_and_reports_bytes_per_token(vocab_model)
 
 # --- corpora and mixtures ---------------------------------------------------------------------
 
+def _token_shares(mixture_name, seq_len, source_of, num_sources, examples=20000):
+    """Realised (token shares, example shares) per source over `examples` mixed examples.
+
+    `source_of(targets)` labels an example's target tokens (a tf.int32 scalar in [0, num_sources)).
+    """
+    ds = seqio.get_mixture_or_task(mixture_name).get_dataset(
+        {"targets": seq_len}, split="train", shuffle=True, seed=0)
+    ds = ds.map(lambda ex: (tf.size(ex["targets"]), source_of(ex["targets"])))
+    sizes, labels = [], []
+    for size, label in ds.take(examples).batch(2000).as_numpy_iterator():
+        sizes.append(size)
+        labels.append(label)
+    sizes, labels = np.concatenate(sizes), np.concatenate(labels)
+    tokens = np.bincount(labels, weights=sizes, minlength=num_sources)
+    return tokens / tokens.sum(), np.bincount(labels, minlength=num_sources) / len(labels)
+
+
 def test_token_shares_hold_over_a_long_stream(tmp_path):
     rng = random.Random(4)
     letters = [_words(rng, rng.randint(3, 10)) for _ in range(300)]  # short: one example each
@@ -338,20 +359,46 @@ def test_token_shares_hold_over_a_long_stream(tmp_path):
         assert corpus.mean_tokens_per_example(name, 128) == pytest.approx(sum(tokens) / sum(pieces))
     mixture = corpus.register_mixture("test_letters_digits", {"test_letters": 0.3, "test_digits": 0.7},
                                       sequence_length=128)
-    ds = mixture.get_dataset({"targets": 128}, split="train", shuffle=True, seed=0)
     # Only the digits corpus has digits (byte id = byte + 3); an EOS-only piece ends a long digit document.
-    ds = ds.map(lambda ex: (tf.size(ex["targets"]),
-                            tf.reduce_any((ex["targets"] >= ord("0") + 3) & (ex["targets"] <= ord("9") + 3))
-                            | (tf.size(ex["targets"]) == 1)))
-    sizes, is_digit = [], []
-    for size, digit in ds.take(20000).batch(2000).as_numpy_iterator():
-        sizes.append(size)
-        is_digit.append(digit)
-    sizes, is_digit = np.concatenate(sizes), np.concatenate(is_digit)
-    share = sizes[is_digit].sum() / sizes.sum()
-    assert abs(share - 0.7) < 0.01
+    shares, examples = _token_shares(mixture.name, 128, lambda targets: tf.cast(
+        tf.reduce_any((targets >= ord("0") + 3) & (targets <= ord("9") + 3))
+        | (tf.size(targets) == 1), tf.int32), 2)
+    assert abs(shares[1] - 0.7) < 0.01
     # The same shares taken as example rates would have missed by far.
-    assert abs(is_digit.mean() - 0.7) > 0.2
+    assert abs(examples[1] - 0.7) > 0.2
+
+
+PALM_SHARES = {"social": 0.50, "web": 0.27, "books": 0.13, "github": 0.05, "wikipedia": 0.04,
+               "news": 0.01}  # Chowdhery et al. 2022, Table 2
+
+
+def test_palm_mixture_realises_its_token_shares(tmp_path):
+    from paxlike.data.stream import DataConfig
+    from paxlike.gin_config import resolve_gin_file
+
+    rng = random.Random(6)
+    bindings = ["SEQ_LEN = 128"]  # a run file's macro
+    # Source k writes only the letters 'a'+4k .. 'a'+4k+3, so an example's first byte names its
+    # source; documents of different mean lengths, all shorter than a row (one example each).
+    for k, (source, high) in enumerate(zip(PALM_SHARES, (30, 100, 120, 80, 110, 60))):
+        alphabet = "".join(chr(ord("a") + 4 * k + i) for i in range(4))
+        docs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(10, high)))
+                for _ in range(120)]
+        _write_jsonl(tmp_path / f"{source}.jsonl", docs)
+        _build(tmp_path, f"palm_{source}", [tmp_path / f"{source}.jsonl"], tmp_path / source,
+               validation_fraction=0.0, dedup=False)
+        bindings.append(f"{source.upper()}_DIR = '{tmp_path / source}'")
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([resolve_gin_file("mixtures/palm.gin")], bindings)
+    assert corpus.register_corpora() == [f"palm_{s}" for s in PALM_SHARES] + ["palm_mixture"]
+    assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "palm_mixture"
+    assert DataConfig().tasks_module == "paxlike.data.gin_tasks"
+    shares, examples = _token_shares(
+        "palm_mixture", 128, lambda targets: (targets[0] - (ord("a") + 3)) // 4, len(PALM_SHARES),
+        examples=30000)
+    np.testing.assert_allclose(shares, list(PALM_SHARES.values()), atol=0.01)
+    assert abs(examples[0] - 0.5) > 0.05  # token shares, not example rates
+    gin.clear_config()
 
 
 def test_a_gin_only_corpus_trains(tmp_path, base_corpus):

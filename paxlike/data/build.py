@@ -1,12 +1,14 @@
-"""`paxlike data build`: raw text/JSONL files -> a filtered, deduplicated TFDS dataset (train/validation).
+"""`paxlike data build`: raw text, JSONL or Parquet files -> a filtered, deduplicated TFDS dataset.
 
-Documents stream through, one input file at a time: quality filters, exact then near
-deduplication (first occurrence kept), a train/validation draw from a hash of the
-normalised text (so a document keeps its split when files are added), and round-robin
-TFRecord shards. Everything is written into a staging directory that is renamed (or,
-for gs://, uploaded with the report last) only when complete; the build report
-(`build_report.json`) records the inputs and options, so rebuilding the same dataset
-into the same directory is a no-op and another dataset there is refused.
+Documents stream through, one input file at a time, in batches whose filters and hashes
+worker processes compute (paxlike.data.analyze): quality filters, exact then near
+deduplication (first occurrence kept, decided in reading order), a train/validation draw
+from a hash of the normalised text (so a document keeps its split when files are added),
+and round-robin TFRecord shards (train and validation). Everything is written into a
+staging directory that is renamed (or, for gs://, uploaded with the report last) only
+when complete; the build report (`build_report.json`) records the inputs and options, so
+rebuilding the same dataset into the same directory is a no-op and another dataset there
+is refused.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import re
 import shutil
 import tempfile
 import time
+from typing import Iterator
 
 import numpy as np
 import tqdm
 
 from paxlike import storage
 from paxlike.console import stderr_is_terminal
-from paxlike.data import dedup, inputs
-from paxlike.data.filters import Filter, build_filters, first_failed
+from paxlike.data import analyze, dedup, inputs
+from paxlike.data.filters import Filter, build_filters
 from paxlike.errors import UserError
 
 REPORT = "build_report.json"
@@ -35,7 +38,7 @@ SPLITS = ("train", "validation")
 SAMPLES_PER_REASON = 3
 SAMPLE_CHARS = 200
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # what TFDS accepts as a dataset name
-_BATCH_DOCUMENTS = 256  # documents whose MinHash signatures are computed together
+_BATCH_DOCUMENTS = 256  # documents analysed together (a task of a worker process)
 
 
 def lengths_file(split: str) -> str:
@@ -143,56 +146,49 @@ class _Builder:
             int(total * fractions[s]), shard_bytes, options.min_shards)) for s in SPLITS}
         self.lengths = {s: array.array("I") for s in SPLITS}
         self.exact: dict[bytes, str] = {}  # digest -> where the first copy was read
-        self.hasher = dedup.MinHasher()
         self.near = dedup.NearDuplicateIndex(options.near_dup_threshold)
         self.near_where: list[str] = []  # near-index id -> where that document was read
-        self.pending: list[tuple[inputs.Document, str, bytes]] = []
 
-    def add(self, item: inputs.Document | inputs.Undecodable) -> None:
-        """Filters a document, drops it if an exact duplicate, else queues it for the near-duplicate check."""
-        self.counts.saw(item.file)
-        if isinstance(item, inputs.Undecodable):
-            self.counts.remove("non_utf8", item.file, {"where": item.where, "byte": item.position})
-            return
-        try:
-            failed = first_failed(self.filters, item.text)
-        except Exception as e:  # noqa: BLE001 - a user predicate's own error, reported with where
-            raise UserError(f"a --filter predicate raised {type(e).__name__} ({e}) on "
-                            f"{item.where}; fix the predicate") from None
-        if failed is not None:
-            self.counts.remove(f"filter:{failed.label}", item.file, _sample(item))
-            return
-        normalized = dedup.normalize(item.text)
-        digest = dedup.text_digest(normalized)
-        if self.options.dedup:
+    def apply(self, items: list[inputs.Document | inputs.Undecodable],
+              result: analyze.BatchResult) -> None:
+        """Decides a batch's documents in reading order: filtered, exact or near duplicate, kept."""
+        documents = [i for i in items if isinstance(i, inputs.Document)]
+        if result.error is not None:  # the build fails: nothing of this batch is kept
+            where = documents[result.error[0]].where
+            raise UserError(f"a --filter predicate raised {result.error[1]} on {where}; "
+                            "fix the predicate")
+        j = 0  # index among the batch's documents (its decodable items)
+        row = 0  # index among the documents that passed the filters: their signature row
+        for item in items:
+            self.counts.saw(item.file)
+            if isinstance(item, inputs.Undecodable):
+                self.counts.remove("non_utf8", item.file,
+                                   {"where": item.where, "byte": item.position})
+                continue
+            failed, digest = result.failed[j], result.digests[j]
+            j += 1
+            if failed is not None:
+                self.counts.remove(f"filter:{self.filters[failed].label}", item.file, _sample(item))
+                continue
+            row += 1
+            if not self.options.dedup:
+                self._write(item, digest)
+                continue
             first = self.exact.get(digest)
             if first is not None:
                 self.counts.remove("exact_duplicate", item.file, _sample(item, duplicate_of=first))
-                return
+                continue
             self.exact[digest] = item.where
-            self.pending.append((item, normalized, digest))
-            if len(self.pending) >= _BATCH_DOCUMENTS:
-                self.flush()
-        else:
-            self._write(item, digest)
-
-    def flush(self) -> None:
-        """Decides the pending documents against the near-duplicate index, in reading order."""
-        if not self.pending:
-            return
-        signatures = self.hasher.signatures([self.hasher.shingles(n) for _, n, _ in self.pending])
-        keys = self.near.band_keys(signatures)
-        for (doc, _, digest), signature, key in zip(self.pending, signatures, keys):
+            signature, key = result.signatures[row - 1], result.keys[row - 1]
             match = self.near.check(signature, key)
             if match is not None:
-                self.counts.remove("near_duplicate", doc.file, _sample(
-                    doc, duplicate_of=self.near_where[match.kept_id],
+                self.counts.remove("near_duplicate", item.file, _sample(
+                    item, duplicate_of=self.near_where[match.kept_id],
                     estimated_jaccard=round(match.similarity, 3)))
                 continue
             self.near.add(signature, key)
-            self.near_where.append(doc.where)
-            self._write(doc, digest)
-        self.pending = []
+            self.near_where.append(item.where)
+            self._write(item, digest)
 
     def _write(self, doc: inputs.Document, digest: bytes) -> None:
         held_out = dedup.unit_interval(digest) < self.options.validation_fraction
@@ -201,6 +197,24 @@ class _Builder:
         num_bytes = len(doc.text.encode("utf-8"))
         self.lengths[split].append(num_bytes)
         self.counts.keep(doc.file, num_bytes)
+
+
+def _batches(files: list[inputs.InputFile],
+             options: BuildOptions) -> Iterator[list[inputs.Document | inputs.Undecodable]]:
+    """The inputs' documents in reading order, a batch of up to _BATCH_DOCUMENTS at a time."""
+    batch: list[inputs.Document | inputs.Undecodable] = []
+    for file in files:
+        for item in inputs.read(file, options.format, options.text_key, options.strict):
+            batch.append(item)
+            if len(batch) == _BATCH_DOCUMENTS:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _texts(items: list[inputs.Document | inputs.Undecodable]) -> list[str]:
+    return [i.text for i in items if isinstance(i, inputs.Document)]
 
 
 def _signature(options: BuildOptions, files: list[inputs.InputFile]) -> dict:
@@ -273,9 +287,17 @@ def _publish(stage: str, out: str) -> None:
             shutil.copyfileobj(src, dst, length=8 << 20)
 
 
-def build(options: BuildOptions, show_progress: bool | None = None) -> tuple[dict, bool]:
-    """Builds the dataset; returns (report, whether anything was built: False when `out` already held it)."""
+def build(options: BuildOptions, show_progress: bool | None = None,
+          num_workers: int | None = None) -> tuple[dict, bool]:
+    """Builds the dataset; returns (report, whether anything was built: not if `out` already held it).
+
+    `num_workers` processes (default min(CPUs, 8); 1: this process alone) filter and
+    hash; the dataset written is the same for any number.
+    """
     options.check()
+    num_workers = analyze.default_workers() if num_workers is None else num_workers
+    if num_workers < 1:
+        raise UserError(f"--num_workers = {num_workers}; it must be at least 1")
     filters = build_filters(options.min_chars, options.max_chars, options.min_alpha_fraction,
                             options.max_repeated_line_fraction, list(options.filters))
     files = inputs.resolve(list(options.inputs))
@@ -299,7 +321,7 @@ def build(options: BuildOptions, show_progress: bool | None = None) -> tuple[dic
         stage = tempfile.mkdtemp(prefix=f".{base}.partial-{os.getpid()}-", dir=parent)
         options = dataclasses.replace(options, out=out)
     try:
-        report = _run(options, filters, files, signature, stage, show_progress)
+        report = _run(options, filters, files, signature, stage, show_progress, num_workers)
         _publish(stage, options.out)
     except BaseException:
         if not remote and created is not None:
@@ -311,7 +333,7 @@ def build(options: BuildOptions, show_progress: bool | None = None) -> tuple[dic
 
 
 def _run(options: BuildOptions, filters: list[Filter], files: list[inputs.InputFile],
-         signature: dict, stage: str, show_progress: bool | None) -> dict:
+         signature: dict, stage: str, show_progress: bool | None, num_workers: int) -> dict:
     from paxlike.data import shards  # TensorFlow: loaded once the inputs are known to be readable
 
     start = time.perf_counter()
@@ -321,21 +343,21 @@ def _run(options: BuildOptions, filters: list[Filter], files: list[inputs.InputF
     bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not show,
                     dynamic_ncols=True, desc=options.name)
     last_postfix = 0.0
-    for file in files:
-        shown = 0  # of this file's bytes, as the bar has counted them (characters approximate bytes)
-        for item in inputs.read(file, options.format, options.text_key, options.strict):
-            builder.add(item)
-            if show:
-                step = min(len(item.text) if isinstance(item, inputs.Document) else 0,
-                           file.size - shown)
-                bar.update(step)
-                shown += step
-                now = time.perf_counter()
-                if now - last_postfix > 0.5:
-                    bar.set_postfix_str(f"{builder.counts.read / (now - start):.0f} docs/s")
-                    last_postfix = now
-        bar.update(file.size - shown)
-    builder.flush()
+    spec = analyze.FilterSpec(options.min_chars, options.max_chars, options.min_alpha_fraction,
+                              options.max_repeated_line_fraction, options.filters)
+    batches = _batches(files, options)
+    for items, result in analyze.analyzed(
+            batches, _texts, spec, options.near_dup_threshold if options.dedup else None,
+            num_workers):
+        builder.apply(items, result)
+        if show:
+            chars = sum(len(i.text) for i in items if isinstance(i, inputs.Document))
+            bar.update(min(chars, total_bytes - bar.n))
+            now = time.perf_counter()
+            if now - last_postfix > 0.5:
+                bar.set_postfix_str(f"{builder.counts.read / (now - start):.0f} docs/s")
+                last_postfix = now
+    bar.update(max(total_bytes - bar.n, 0))  # characters approximate bytes: end at the total
     bar.close()
     split_infos = {s: w.close() for s, w in builder.writers.items()}
     if not any(split_infos.values()):
@@ -370,7 +392,8 @@ def _run(options: BuildOptions, filters: list[Filter], files: list[inputs.InputF
         "files": counts.files,
         "throughput": {"seconds": round(seconds, 3),
                        "documents_per_s": round(counts.read / seconds, 1),
-                       "input_mb_per_s": round(total_bytes / 1e6 / seconds, 3)},
+                       "input_mb_per_s": round(total_bytes / 1e6 / seconds, 3),
+                       "num_workers": num_workers},
     }
     with open(os.path.join(stage, REPORT), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, ensure_ascii=False)

@@ -37,9 +37,14 @@ def add_data_command(commands: argparse._SubParsersAction) -> None:
                        help="files or quoted globs (local or gs://; '**' recurses locally); repeatable")
     build.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
     build.add_argument("--format", default="auto", choices=inputs.FORMATS,
-                       help="text: a file is one document; jsonl: a JSON object a line; auto "
-                            "(default): jsonl for *.jsonl/*.json[.gz], else text")
-    build.add_argument("--text_key", default="text", help="JSONL key holding the text (text)")
+                       help="text: a file is one document; jsonl: a JSON object a line; "
+                            "parquet: a row a document (needs pyarrow); auto (default): jsonl "
+                            "for *.jsonl/*.json[.gz], parquet for *.parquet, else text")
+    build.add_argument("--text_key", default="text",
+                       help="JSONL key or Parquet column holding the text (text)")
+    build.add_argument("--num_workers", type=int, default=None,
+                       help="processes that filter and hash documents (default min(CPUs, 8); "
+                            "the dataset is the same for any number)")
     build.add_argument("--validation_fraction", type=float, default=0.01,
                        help="share of documents held out, chosen by a hash of their text (0.01)")
     build.add_argument("--no_dedup", action="store_true", help="keep exact and near duplicates")
@@ -158,7 +163,8 @@ def run_data(args: argparse.Namespace) -> None:
         min_alpha_fraction=args.min_alpha_fraction,
         max_repeated_line_fraction=args.max_repeated_line_fraction, filters=tuple(args.filter),
         strict=args.strict, shard_mb=args.shard_mb, min_shards=args.min_shards)
-    report, built = build(options, show_progress=False if args.no_progress else None)
+    report, built = build(options, show_progress=False if args.no_progress else None,
+                          num_workers=args.num_workers)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:

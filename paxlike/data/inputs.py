@@ -1,8 +1,10 @@
 """Raw corpus files: globs resolved to files, and documents read from them one file at a time.
 
-Formats: `text` (a file is one document) and `jsonl` (one JSON object a line, its text
-under a key); `auto` picks jsonl for names ending .jsonl/.json (optionally .gz). Files
-ending .gz are decompressed as they are read.
+Formats: `text` (a file is one document), `jsonl` (one JSON object a line, its text
+under a key) and `parquet` (a string column; read one row group at a time, so memory
+holds one row group, not the file); `auto` picks jsonl for names ending .jsonl/.json
+(optionally .gz) and parquet for .parquet. Files ending .gz are decompressed as they
+are read.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Iterator
 from paxlike import storage
 from paxlike.errors import UserError
 
-FORMATS = ("auto", "text", "jsonl")
+FORMATS = ("auto", "text", "jsonl", "parquet")
 _WILDCARDS = "*?["
 
 
@@ -92,9 +94,11 @@ def resolve(patterns: list[str]) -> list[InputFile]:
 
 
 def file_format(path: str, requested: str) -> str:
-    """'text' or 'jsonl' for a file under the --format option."""
+    """'text', 'jsonl' or 'parquet' for a file under the --format option."""
     if requested != "auto":
         return requested
+    if path.endswith(".parquet"):
+        return "parquet"
     name = path[:-3] if path.endswith(".gz") else path
     return "jsonl" if name.endswith((".jsonl", ".json")) else "text"
 
@@ -122,6 +126,9 @@ def read(file: InputFile, requested_format: str, text_key: str,
          strict: bool) -> Iterator[Document | Undecodable]:
     """The documents of one file, in order; non-UTF-8 input is yielded as Undecodable (strict: refused)."""
     fmt = file_format(file.path, requested_format)
+    if fmt == "parquet":
+        yield from _read_parquet(file, text_key)
+        return
     with _open_binary(file.path) as f:
         if fmt == "text":
             try:
@@ -166,3 +173,36 @@ def _json_text(line: str, where: str, text_key: str) -> str:
     if not isinstance(text, str):
         raise UserError(f"{where}: {text_key!r} holds a {type(text).__name__}, not a string")
     return text
+
+
+def _read_parquet(file: InputFile, text_key: str) -> Iterator[Document]:
+    """The `text_key` column of a Parquet file, a row group at a time; `where` is 'file:row'."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{file.path}: reading Parquet needs pyarrow; pip install "
+                        "'paxlike[parquet]'") from None
+    import pyarrow as pa
+
+    with storage.open_file(file.path, "rb") as f:
+        try:
+            parquet = pq.ParquetFile(f)
+        except pa.ArrowException as e:
+            raise UserError(f"{file.path}: not a Parquet file ({e}); pass --format for its "
+                            "real format") from None
+        schema = parquet.schema_arrow
+        if text_key not in schema.names:
+            keys = ", ".join(schema.names[:10])
+            raise UserError(f"{file.path}: no {text_key!r} column (columns: {keys}); pass "
+                            "--text_key with the column that holds the text")
+        kind = schema.field(text_key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{file.path}: column {text_key!r} holds {kind}, not strings; "
+                            "pass --text_key with the column that holds the text")
+        row = 0
+        for group in range(parquet.num_row_groups):
+            column = parquet.read_row_group(group, columns=[text_key]).column(0)
+            for text in column.to_pylist():
+                row += 1
+                if text is not None:  # a null is no document
+                    yield Document(text, f"{file.path}:{row}", file)

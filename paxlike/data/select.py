@@ -15,7 +15,7 @@ import hashlib
 import heapq
 import json
 import os
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from paxlike.data.vocab import dataset_texts, is_dataset_dir
 from paxlike.errors import UserError
 
 _BIGRAM = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier that mixes the first word of a bigram
+Features = Callable[[str], np.ndarray]  # a document's text -> its bucket ids
 
 
 def corpus_texts(specs: list[str]) -> Iterator[str]:
@@ -58,20 +59,38 @@ class HashedNgrams:
         bigrams = dedup.splitmix64(h[:-1] * _BIGRAM + h[1:])
         return (np.concatenate([h, bigrams]) % np.uint64(self.num_buckets)).astype(np.int64)
 
-    def counts(self, texts: Iterator[str]) -> tuple[np.ndarray, int]:
+    def counts(self, texts: Iterable[str]) -> tuple[np.ndarray, int]:
         """Summed bucket counts of the documents, and how many there were."""
-        total = np.zeros(self.num_buckets, np.int64)
-        n = 0
-        for text in texts:
-            total += np.bincount(self(text), minlength=self.num_buckets)
-            n += 1
-        return total, n
+        return bucket_counts(self, self.num_buckets, texts)
+
+
+def bucket_counts(features: Features, num_buckets: int,
+                  texts: Iterable[str]) -> tuple[np.ndarray, int]:
+    """Summed bucket counts of the documents' features, and how many documents there were."""
+    total = np.zeros(num_buckets, np.int64)
+    n = 0
+    for text in texts:
+        total += np.bincount(features(text), minlength=num_buckets)
+        n += 1
+    return total, n
 
 
 def log_model(counts: np.ndarray) -> np.ndarray:
     """Log probabilities of the add-one-smoothed bucket frequencies."""
     smoothed = counts.astype(np.float64) + 1.0
     return np.log(smoothed / smoothed.sum())
+
+
+def log_importance_weights(features: Features, num_buckets: int, target: Iterable[str],
+                           raw: Sequence[str]) -> np.ndarray:
+    """Each raw document's log importance weight under bag-of-buckets models of target and raw.
+
+    `features(text)` gives a document's bucket ids (one per n-gram occurrence).
+    """
+    target_counts, _ = bucket_counts(features, num_buckets, target)
+    raw_counts, _ = bucket_counts(features, num_buckets, raw)
+    log_ratio = log_model(target_counts) - log_model(raw_counts)
+    return np.array([log_ratio[features(text)].sum() for text in raw])
 
 
 def kl_divergence(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
