@@ -1,9 +1,17 @@
-"""The tiny mixture-of-experts presets train, their metrics add up, and accumulation matches the full batch."""
+"""The tiny MoE presets train, add up their metrics, accumulate exactly and resume bit-exactly."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import gin
+import jax
 import numpy as np
 import pytest
-from conftest import read_metrics, tiny_config
+from conftest import TINY_OVERRIDES, read_metrics, tiny_config
 
 from paxlike.train.trainer import train
 
@@ -62,3 +70,48 @@ def test_accumulated_microbatches_give_the_full_batch_moe_losses(switch_run, tmp
                 "moe_dropped_fraction", "moe_router_confidence"):
         np.testing.assert_allclose([r[key] for r in micro_records], [r[key] for r in full_records],
                                    rtol=2e-5, err_msg=key)
+
+
+def _checkpoint_steps(model_dir):
+    path = os.path.join(model_dir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+
+
+def test_sigkilled_moe_run_resumes_bit_identically(switch_run, tmp_path):
+    # switch_run's job as a process of its own, checkpointing every 2 steps and SIGKILLed
+    # at a random moment after its first checkpoint (often in the middle of the next save).
+    overrides = {**TINY_OVERRIDES, **SHORT, "CHECKPOINT_EVERY": 2, "MeshConfig.num_devices": 1}
+    run_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "paxlike.cli", "train", "--gin_file",
+             "models/tiny_moe_switch.gin", "--gin_file", "runs/pretrain.gin",
+             *(f"--gin.{k}={v}" for k, v in overrides.items()), "--no_progress",
+             "--model_dir", str(run_dir)], stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 600
+        while proc.poll() is None and not _checkpoint_steps(run_dir) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(random.Random(7).uniform(0.0, 0.2))  # well before the 8 steps left are done
+        was_running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = _checkpoint_steps(run_dir)
+    assert was_running and saved and saved[-1] < SHORT["TRAIN_STEPS"], (
+        f"the run should be killed after a checkpoint, before it ends ({saved}): "
+        + log.read_text()[-3000:])
+
+    resumed, records = _run("switch", run_dir)  # resumes from the newest checkpoint
+    want, want_records = switch_run
+    by_step = {r["step"]: r for r in records}  # the resumed run's records win
+    assert sorted(by_step) == [r["step"] for r in want_records]
+    for want_record in want_records:  # bit-equal: CPU runs are deterministic
+        got = by_step[want_record["step"]]
+        assert {k: got[k] for k in MOE_METRICS | {"loss"}} == {
+            k: want_record[k] for k in MOE_METRICS | {"loss"}}, want_record["step"]
+    assert resumed.final_step == want.final_step
+    got_leaves = jax.tree_util.tree_leaves_with_path(resumed.state)
+    want_leaves = jax.tree_util.tree_leaves_with_path(want.state)
+    assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
+    for (path, got_leaf), (_, want_leaf) in zip(got_leaves, want_leaves):
+        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf),
+                                      err_msg=jax.tree_util.keystr(path))

@@ -4,12 +4,17 @@ import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import tiny_config
 
 from paxlike import gin_config
+from paxlike.model import moe, param_tree
 from paxlike.model.config import ModelConfig
-from paxlike.model.param_count import count_params
+from paxlike.model.param_count import abstract_params, count_params
+from paxlike.model.routers import switch_route
 from paxlike.train.trainer import train
 
 
@@ -87,3 +92,84 @@ def test_tiny_family_trains_with_falling_loss(family, tmp_path):
     result = train(config, str(tmp_path), show_progress=False)
     first, last = result.losses[1], result.losses[30]
     assert last < first - 1.5, (first, last)
+
+
+def _glam_hand_count(layers, d, f, heads, head_dim, vocab, experts=64, k=2):
+    """(total, active) of a GLaM preset by hand: every other layer's MLP is `experts` plain
+    GELU experts (2 matrices) behind a d x E router, the others a GeGLU MLP (3 matrices);
+    multi-head attention, shared embeddings, scale-only LayerNorms."""
+    attention = 4 * d * heads * head_dim
+    norms = layers * 2 * d + d
+    dense_mlps, expert_mlps = layers // 2 * 3 * d * f, layers // 2 * 2 * d * f
+    router = layers // 2 * d * experts
+    shared = layers * attention + dense_mlps + router + vocab * d + norms
+    return shared + experts * expert_mlps, shared + k * expert_mlps
+
+
+# (preset, shape (layers, d_model, d_ff, heads, head_dim, vocab), published total and
+# activated counts, unit of each): GLaM's Table 4, checked to the digits printed.
+GLAM = [
+    ("glam_1p7b_64e", (24, 2048, 8192, 16, 128, 32000), (27, 1e9), (1.879, 1e9)),
+    ("glam_8b_64e", (32, 4096, 16384, 32, 128, 32000), (143, 1e9), (9.8, 1e9)),
+    ("glam_64b_64e", (64, 8192, 32768, 128, 128, 256000), (1.2, 1e12), (96.6, 1e9)),
+]
+
+
+def _rounds_to(value, published):
+    figure, unit = published
+    digits = len(str(figure).partition(".")[2]) if "." in str(figure) else 0
+    return round(value / unit, digits) == figure
+
+
+@pytest.mark.parametrize("preset,shape,total,active", GLAM)
+def test_glam_counts_match_the_published_total_and_active_figures(preset, shape, total, active):
+    counts = _count(preset)
+    assert (counts["total"], counts["active"]) == _glam_hand_count(*shape)
+    assert _rounds_to(counts["total"], total) and _rounds_to(counts["active"], active)
+
+
+def test_glam_0p1b_count_reproduces_its_total_but_not_its_active_figure():
+    counts = _count("glam_0p1b_64e")
+    assert (counts["total"], counts["active"]) == _glam_hand_count(12, 768, 3072, 12, 64, 32000)
+    assert _rounds_to(counts["total"], (1.9, 1e9))
+    # Table 4 prints 145M activated; the architecture it gives has 152.3M (see the preset).
+    assert round(counts["active"] / 1e6, 1) == 152.3
+
+
+def test_switch_base_8_decoder_counts_by_hand():
+    d, layers, f, v, experts = 768, 12, 3072, 32128, 8
+    mlp = 2 * d * f  # ReLU: two matrices
+    shared = layers * (4 * d * d + 2 * d) + d + v * d + layers // 2 * (mlp + d * experts)
+    counts = _count("switch_base_8")
+    assert counts["total"] == shared + layers // 2 * experts * mlp == 307_845_888
+    assert counts["active"] == shared + layers // 2 * mlp == 109_665_024
+
+
+def test_glam_experts_are_plain_gelu_mlps_beside_geglu_dense_layers():
+    gin_config.parse(["models/glam_0p1b_64e.gin"], {
+        "ModelConfig.num_layers": "2", "ModelConfig.d_model": "16", "ModelConfig.d_ff": "32",
+        "ModelConfig.num_heads": "2", "ModelConfig.num_kv_heads": "2",
+        "ModelConfig.head_dim": "8", "ModelConfig.num_experts": "4",
+        "ModelConfig.vocab_size": "128"})
+    cfg = gin_config.build(ModelConfig)
+    params = param_tree.flatten(abstract_params(cfg))
+    assert "layers/layer_0/mlp/wi_up/kernel" in params  # the dense layer: GeGLU
+    assert {p.split("/")[-2] for p in params if "/moe/" in p} == {"router", "wi_gate", "wo"}
+
+    # The experts' output by hand: sum over the two chosen of gate * gelu(x W_in) W_out.
+    rng = np.random.default_rng(0)
+    w_in, w_out = rng.normal(size=(4, 16, 32)) / 4, rng.normal(size=(4, 32, 16)) / 6
+    x_sd = rng.normal(size=(8, 16))
+    routing = switch_route(jnp.asarray(rng.normal(size=(1, 8, 4)), jnp.float32), 2, False, None)
+    h_esf = np.asarray(jax.nn.gelu(np.einsum("sd,edf->esf", x_sd, w_in), approximate=False))
+    want_sd = np.zeros((8, 16))
+    experts_sk, gates_sk = np.asarray(routing.expert_gsk[0]), np.asarray(routing.gate_gsk[0])
+    for s in range(8):
+        for e, gate in zip(experts_sk[s], gates_sk[s]):
+            want_sd[s] += gate * h_esf[e, s] @ w_out[e]
+    w = {"wi_gate": (jnp.asarray(w_in, jnp.float32), None),
+         "wo": (jnp.asarray(w_out, jnp.float32), None)}
+    for dispatch in ("dropless", "dropping"):
+        y_gsd, _ = jax.jit(lambda x, r, dispatch=dispatch: moe.DISPATCH[dispatch](
+            cfg, lambda name, *_: w[name], x, r, 8))(jnp.asarray(x_sd[None], jnp.float32), routing)
+        np.testing.assert_allclose(np.asarray(y_gsd[0]), want_sd, rtol=1e-5, atol=1e-5)

@@ -63,6 +63,8 @@ def config_from_hf(family: Family, hf: dict) -> ModelConfig:
                 raise UserError(f"{HF_CONFIG} sets {key} = {value!r}, which paxlike does not "
                                 f"implement; supported: {sorted(table)}")
             value = table[value]
+        elif rule.read:
+            value = rule.read(value)
         value = _coerce(rule.field, value)
         label = key or (f"{rule.keys[0]} (absent: {value!r})" if rule.keys else "(derived)")
         if rule.field in source and fields[rule.field] != value:
@@ -93,6 +95,8 @@ def config_to_hf(family: Family, cfg: ModelConfig) -> dict:
                 problems.append(f"ModelConfig.{rule.field} = {getattr(cfg, rule.field)!r} (needs one "
                                 f"of {sorted({p for _, p in rule.names})})")
                 continue
+        elif rule.write:
+            value = rule.write(value)
         _set(hf, rule.keys[0], value)
     if not problems:
         # Derived fields (head_dim = d_model / heads, ...) must come back as they are.

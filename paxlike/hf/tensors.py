@@ -2,8 +2,8 @@
 
 A rule's tensor is cut into blocks along the first letter of its leading axis (vocabulary
 rows, heads, d_model rows, ...). Each block maps onto a box of every parameter the rule
-feeds, so a fused query/key/value tensor or a per-layer tensor stacked on paxlike's
-`layers` axis converts without either side ever being whole in memory.
+feeds, so a fused query/key/value tensor or a per-layer (per-expert) tensor stacked on
+paxlike's `layers` (and experts) axis converts without either side ever being whole in memory.
 """
 
 from __future__ import annotations
@@ -45,20 +45,21 @@ class _Layout:
     step: int = 0  # lead units per block
 
     @property
-    def stacked(self) -> bool:
-        """Whether the rule has a tensor per layer, stacked on the parameters' leading axis."""
-        return "{i}" in self.rule.name
+    def stacked(self) -> int:
+        """How many leading parameter axes stack the rule's tensors: layers, then experts."""
+        return ("{i}" in self.rule.name) + ("{j}" in self.rule.name)
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
         """The shape of each of the rule's Hugging Face tensors."""
         return tuple(math.prod(self.sizes[a] for a in g) for g in _groups(self.rule.hf_axes))
 
-    def names(self) -> list[tuple[int | None, str]]:
-        """(layer, Hugging Face name) of each tensor of the rule: one per layer, or one."""
-        if self.stacked:
-            return [(i, self.rule.name.format(i=i)) for i in range(self.num_layers)]
-        return [(None, self.rule.name)]
+    def names(self) -> list[tuple[tuple[int, ...], str]]:
+        """(stacking index, Hugging Face name) of each tensor: per layer (and expert), or one."""
+        layers = range(self.num_layers) if "{i}" in self.rule.name else (None,)
+        experts = range(self.sizes["e"]) if "{j}" in self.rule.name else (None,)
+        return [(tuple(a for a in (i, j) if a is not None), self.rule.name.format(i=i, j=j))
+                for i in layers for j in experts]
 
     def ranges(self, padded: bool) -> list[tuple[int, int]]:
         """[start, stop) of each block's lead units (over the padded vocabulary if `padded`)."""
@@ -72,19 +73,18 @@ class _Layout:
         return math.prod(self.sizes[a] for a in _groups(self.rule.hf_axes)[0][1:])
 
     def lead_axis(self) -> int | None:
-        """The axis of `lead` in the rule's parameters (after the layers axis of stacked ones)."""
+        """The axis of `lead` in the rule's parameters (after the stacking axes)."""
         return self.rule.axes.split().index(self.lead) + self.stacked if self.lead else None
 
     def chunks(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """A full block of one of the rule's parameters: one layer, `step` lead units, the rest whole."""
-        return tuple(1 if self.stacked and axis == 0 else self.step if axis == self.lead_axis()
+        """A full block of a rule's parameter: one layer (expert), `step` lead units, the rest whole."""
+        return tuple(1 if axis < self.stacked else self.step if axis == self.lead_axis()
                      else size for axis, size in enumerate(shape))
 
-    def box(self, layer: int | None, start: int, stop: int) -> tuple[Any, ...]:
-        """The index of one block in a parameter of the rule (stacked ones first take `layer`)."""
+    def box(self, stack: tuple[int, ...], start: int, stop: int) -> tuple[Any, ...]:
+        """The index of one block in a parameter of the rule (stacked ones first take `stack`)."""
         axes = self.rule.axes.split()
-        index = tuple(slice(start, stop) if a == self.lead else slice(None) for a in axes)
-        return index if layer is None else (layer, *index)
+        return (*stack, *(slice(start, stop) if a == self.lead else slice(None) for a in axes))
 
     def split(self, x: np.ndarray, units: int, j: int, dtype: np.dtype) -> np.ndarray:
         """A block of the Hugging Face tensor (`units` lead units) -> that block of the rule's j-th parameter."""
@@ -111,7 +111,7 @@ class _Layout:
 def _layout(rule: TensorRule, cfg: ModelConfig) -> _Layout:
     sizes = {"v": cfg.vocab_size, "p": cfg.max_seq_len + cfg.position_offset, "d": cfg.d_model,
              "n": cfg.num_heads, "k": cfg.num_kv_heads, "h": cfg.head_dim, "f": cfg.d_ff,
-             "s": len(rule.params)}
+             "e": cfg.num_experts, "s": len(rule.params)}
     whole = _Layout(rule, sizes, cfg.num_layers, cfg.padded_vocab_size)
     lead = _groups(rule.hf_axes)[0][0]
     if lead == "s":  # blocks would part the fused parameters; such tensors (biases) are small
@@ -174,9 +174,9 @@ def _param_blocks(layout: _Layout, j: int, shape: tuple[int, ...], reader: Safet
     """(index, block) of the rule's j-th parameter, each block read from its Hugging Face tensor when asked for."""
     real = layout.sizes[layout.lead] if layout.lead else 0
     rows = layout.unit_rows() if layout.lead else 0
-    for layer, name in layout.names():
+    for stack, name in layout.names():
         for start, stop in layout.ranges(padded=True):
-            index = layout.box(layer, start, stop)
+            index = layout.box(stack, start, stop)
             if layout.lead is None:
                 block = layout.split(reader.read(name), 0, j, dtype)
             elif start >= real:  # vocabulary padding: zero rows
@@ -219,20 +219,20 @@ def hf_tensors(family: Family, cfg: ModelConfig,
         layout = _layout(rule, cfg)
         dtype = np.result_type(*(readers[p].dtype for p in rule.params))
         names = layout.names()
-        for k, (layer, name) in enumerate(names):
+        for k, (stack, name) in enumerate(names):
             tensors.append(OutTensor(
                 name, dtype, layout.hf_shape,
-                lambda layout=layout, layer=layer, last=k == len(names) - 1: _hf_blocks(
-                    layout, layer, last, readers)))
+                lambda layout=layout, stack=stack, last=k == len(names) - 1: _hf_blocks(
+                    layout, stack, last, readers)))
     return tensors
 
 
-def _hf_blocks(layout: _Layout, layer: int | None, last: bool,
+def _hf_blocks(layout: _Layout, stack: tuple[int, ...], last: bool,
                readers: dict[str, ParamReader]) -> Iterator[np.ndarray]:
     """One Hugging Face tensor's row blocks, each fused from that block of each of the rule's parameters."""
     params = [readers[p] for p in layout.rule.params]
     for start, stop in layout.ranges(padded=False):
-        pieces = [p.read(layout.box(layer, start, stop)) for p in params]
+        pieces = [p.read(layout.box(stack, start, stop)) for p in params]
         block = layout.fuse(pieces, stop - start)
         del pieces
         yield block
