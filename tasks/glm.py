@@ -13,21 +13,17 @@ Special ids, after the 259 of `seqio.ByteVocabulary` (VOCABULARY has `extra_ids=
 the data's vocabulary is 263):
   [MASK] 259   [gMASK] 260   [sop] 261   [eop] 262
 
-Features, for `DataConfig.objective = 'prefix_lm'` (seqio's PrefixLMFeatureConverter
-puts `inputs` then `targets` in one row, weights the loss on `targets` only, and feeds
-the model that row shifted right by one):
-  inputs   part A + [sop]
-  targets  for each span in shuffled order: its tokens + [eop]
-The model therefore reads [sop] + span before the first span's targets and [eop] + span
-before each later one's: the targets are exactly GLM's, and a span after the first
-opens with the previous span's [eop] where GLM repeats [sop] (seqio's shift cannot
-place a token that is not also a target). `glm_positions` and `glm_block_positions`
-hold GLM's 2D position ids of each token of inputs + targets as the model reads it
-(position in part A; for part B the position of the span's mask, and 1 + the place
-inside the span, [sop] being 1). The packer drops them: the model uses 1D positions
-(RoPE over the row) and causal attention over part A until a prefix-bidirectional mask
-and 2D positions reach it; until then, which blank a shuffled span fills is not shown
-to the model.
+Features, for `DataConfig.objective = 'glm_blank_infilling'` (paxlike.data.glm_features
+joins them into one packed row):
+  inputs               part A, attended bidirectionally (no loss)
+  targets              for each span in shuffled order: its tokens + [eop]
+  glm_span_inputs      what the model reads for them: [sop] + the span's tokens, per span
+  glm_positions        GLM's first position id of each token of part A + part B: its place
+                       in part A; for a span's tokens (its [sop] included), the place of its
+                       blank in part A
+  glm_block_positions  the second: 0 in part A, 1 + the place inside the span ([sop] = 1)
+The model adds the two positions with a 2D rotary embedding (ModelConfig.position =
+'rope_2d') and sees part A bidirectionally (ModelConfig.bidirectional_prefix).
 """
 
 from __future__ import annotations
@@ -49,7 +45,8 @@ _POSITIONS = seqio.PassThroughVocabulary(size=0)
 OUTPUT_FEATURES = {
     "inputs": seqio.Feature(VOCABULARY, add_eos=False, dtype=tf.int32),
     "targets": seqio.Feature(VOCABULARY, add_eos=False, dtype=tf.int32),
-    # Not for the model yet (see the module docstring); a Mixture keeps only declared features.
+    # A Mixture keeps only declared features.
+    "glm_span_inputs": seqio.Feature(VOCABULARY, add_eos=False, dtype=tf.int32, required=False),
     "glm_positions": seqio.Feature(_POSITIONS, add_eos=False, dtype=tf.int32, required=False),
     "glm_block_positions": seqio.Feature(_POSITIONS, add_eos=False, dtype=tf.int32,
                                          required=False),
@@ -123,22 +120,19 @@ def blank_infilling_layout(tokens: tf.Tensor, starts: tf.Tensor, lengths: tf.Ten
 
     s, n, p = (tf.gather(x, order) for x in (starts, lengths, mask_at))
     k = tf.size(order)
-    eop = tf.RaggedTensor.from_tensor(tf.fill([k, 1], EOP))
-    targets = tf.concat([tf.gather(tokens, tf.ragged.range(s, s + n)), eop], 1).flat_values
-    # 2D positions of each token as the model reads it: a span token sits at its mask
-    # with block position 2.. (after [sop] = 1); an [eop] is read as the next span's start.
-    next_p = tf.concat([p[1:], p[-1:]], 0)
-    last_block = tf.concat([tf.ones([k - 1], tf.int32), n[-1:] + 2], 0)
-    span_positions = tf.concat([tf.RaggedTensor.from_row_lengths(tf.repeat(p, n), tf.cast(n, tf.int64)),
-                                tf.RaggedTensor.from_tensor(next_p[:, None])], 1).flat_values
-    span_blocks = tf.concat([tf.ragged.range(tf.fill([k], 2), n + 2),
-                             tf.RaggedTensor.from_tensor(last_block[:, None])], 1).flat_values
+    spans = tf.gather(tokens, tf.ragged.range(s, s + n))
+    eop, sop = (tf.RaggedTensor.from_tensor(tf.fill([k, 1], t)) for t in (EOP, SOP))
+    # Each span is read as [sop] + its tokens and predicted as its tokens + [eop]; all of it
+    # sits at its blank's place in part A, with block positions 1, 2, ... .
+    span_positions = tf.repeat(p, n + 1)
+    span_blocks = tf.ragged.range(tf.ones([k], tf.int32), n + 2).flat_values
     a = tf.size(part_a)
     return {
-        "inputs": tf.concat([part_a, [SOP]], 0),
-        "targets": targets,
-        "glm_positions": tf.concat([tf.range(a), p[:1], span_positions], 0),
-        "glm_block_positions": tf.concat([tf.zeros([a], tf.int32), [1], span_blocks], 0),
+        "inputs": part_a,
+        "targets": tf.concat([spans, eop], 1).flat_values,
+        "glm_span_inputs": tf.concat([sop, spans], 1).flat_values,
+        "glm_positions": tf.concat([tf.range(a), span_positions], 0),
+        "glm_block_positions": tf.concat([tf.zeros([a], tf.int32), span_blocks], 0),
     }
 
 
@@ -148,9 +142,9 @@ def glm_blank_infilling(dataset: tf.data.Dataset, sequence_length: Mapping[str, 
     """Tokenized documents in `targets` -> blank-infilling examples (see the module docstring)."""
     if not sequence_length or "inputs" not in sequence_length:
         raise UserError("GLM blank infilling needs `inputs` and `targets` lengths; set "
-                        "DataConfig.objective = 'prefix_lm'")
-    # Part A (at most piece + 1 tokens with [sop]) and part B (at most piece + 1 with
-    # [eop]s) must each fit their feature, so that seqio trims nothing.
+                        "DataConfig.objective = 'glm_blank_infilling'")
+    # Part A (at most piece tokens) and part B (at most piece + 1, with [eop]s) must each
+    # fit their feature, so that seqio trims nothing.
     piece = min(sequence_length["inputs"], sequence_length["targets"]) - 1
     if piece < 1:
         raise UserError(f"feature lengths {dict(sequence_length)} leave no room for a "

@@ -34,13 +34,25 @@ def _inputs(b, t, n, k, h, seed=0):
     return q, kk, v, jnp.asarray(pos), jnp.asarray(seg), weights
 
 
-def _check_against_reference(fn, b, t, n, k, h, query_block, alibi=False, seed=0):
-    """fn(q, k, v, pos, seg, slopes) and its q/k/v gradients equal the reference's."""
+def _prefix(seg, pos, length):
+    """A bidirectional prefix of the first `length` tokens of every document (none in padding)."""
+    return jnp.asarray((np.asarray(pos) < length) & (np.asarray(seg) > 0), jnp.int32)
+
+
+def _check_against_reference(fn, b, t, n, k, h, query_block, alibi=False, seed=0, window=0,
+                             prefix_length=0):
+    """fn(q, k, v, pos, seg, slopes) and its q/k/v gradients equal the reference's.
+
+    With `prefix_length`, fn is fn(..., prefix) and every document opens with a prefix.
+    """
     q, kk, v, pos, seg, w = _inputs(b, t, n, k, h, seed)
     slopes = alibi_slopes(n) if alibi else None
+    prefix = _prefix(seg, pos, prefix_length) if prefix_length else None
+    if prefix is not None:
+        fn = functools.partial(fn, prefix=prefix)
 
     def ref(q, kk, v):
-        return causal_attention(q, kk, v, pos, seg, query_block, slopes)
+        return causal_attention(q, kk, v, pos, seg, query_block, slopes, window, prefix)
 
     def got(q, kk, v):
         return fn(q, kk, v, pos, seg, slopes)
@@ -90,6 +102,16 @@ def test_cpu_auto_resolves_to_blockwise():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("window,prefix_length", [(0, 4), (5, 3)], ids=["prefix", "band-prefix"])
+def test_blockwise_with_a_prefix_equals_reference(window, prefix_length):
+    # 19 positions in query blocks of 8 and key blocks of 3: a prefix query's keys lie in
+    # later key blocks than the causal walk would reach.
+    def fn(q, kk, v, pos, seg, slopes, prefix):
+        return blockwise_attention(q, kk, v, pos, seg, 8, 3, slopes, window, prefix)
+
+    _check_against_reference(fn, 2, 19, 4, 2, 8, 8, window=window, prefix_length=prefix_length)
+
+
 # --- splash: the Pallas kernel run by Pallas's interpreter on CPU ---------------------
 
 
@@ -101,6 +123,58 @@ def test_splash_interpreted_equals_reference(n, k):
         return attend("splash", q, kk, v, pos, seg, 128, 128, slopes, interpret=True)
 
     _check_against_reference(fn, 2, 256, n, k, 16, 128)
+
+
+def test_splash_banded_interpreted_equals_reference():
+    # A band of 100 on 256 positions in blocks of 128: LocalMask's partial and empty blocks.
+    def fn(q, kk, v, pos, seg, slopes):
+        return attend("splash", q, kk, v, pos, seg, 128, 128, slopes, interpret=True, window=100)
+
+    _check_against_reference(fn, 1, 256, 2, 1, 16, 128, window=100)
+
+
+def test_splash_banded_kernel_visits_fewer_blocks_as_the_band_narrows():
+    # Splash's grid is (heads, query blocks, key steps), key steps being the most key blocks
+    # a query block meets; LocalMask's (W - 1, 0) window cuts both those steps and the
+    # blocks computed. T = 1024 in blocks of 128 (8 query blocks): dense causal visits
+    # 8 * 9 / 2 = 36 blocks in 8 steps each; a band of W keys touches
+    # ceil((W - 1) / 128) + 1 blocks per query block (fewer near the start).
+    def work(window):
+        kernel = kernels._splash_kernel(1, 1024, 128, False, False, window)
+        block_mask = np.asarray(kernel.fwd_mask_info.block_mask)
+        return block_mask.shape[-1], int((block_mask != 0).sum())
+
+    assert work(0) == (8, 36)
+    assert work(512) == (5, 8 * 5 - (4 + 3 + 2 + 1))
+    assert work(128) == (2, 8 * 2 - 1)
+    # Splash's FLOPs, 4 * 128 * 128 * head_dim per block visited, fall with the band.
+    assert work(0)[1] > work(512)[1] > work(128)[1]
+
+
+def test_banded_splash_compiles_ahead_of_time_for_a_tpu_slice(caplog):
+    from paxlike.parallel import topology
+
+    try:
+        target = topology.tpu_target("v4:2x2x1")
+    except Exception as e:  # noqa: BLE001 - libtpu absent or refusing: nothing to compile for
+        pytest.skip(f"no TPU topology: {e}")
+    kernels._WARNED.clear()
+    mesh = sharding.make_mesh(sharding.MeshConfig(shape={"fsdp": 4}, rules=sharding.DEFAULT_RULES,
+                                                  num_devices=None, dcn_shape={}),
+                              list(target.devices))
+    b, t, n, h = 4, 1024, 2, 128
+    batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16, sharding=batch)
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch)
+
+    def forward(q, kk, v, pos, seg):
+        return attend("splash", q, kk, v, pos, seg, 128, 128, window=256)
+
+    with caplog.at_level(logging.WARNING, logger="paxlike"), jax.set_mesh(mesh), \
+            nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        text = jax.jit(forward).lower(q, q, q, ids, ids).compile().as_text()
+    assert not caplog.records  # no fallback: the band is splash's own
+    assert "splash_mha_fwd" in text
 
 
 def test_splash_shards_batch_and_heads_over_the_mesh():
@@ -219,6 +293,21 @@ def test_cudnn_arguments_give_the_reference_through_xla(n, k):
         return kernels.cudnn_attention(q, kk, v, seg, implementation="xla")
 
     _check_against_reference(fn, 2, 24, n, k, 8, 0)
+
+
+def test_cudnn_band_and_prefix_arguments_give_the_reference_through_xla():
+    # The band as local_window_size = (W - 1, 0); the prefix in the mask instead of is_causal.
+    def banded(q, kk, v, pos, seg, slopes):
+        return kernels.cudnn_attention(q, kk, v, seg, implementation="xla", window=5)
+
+    def prefixed(q, kk, v, pos, seg, slopes, prefix):
+        return kernels.cudnn_attention(q, kk, v, seg, implementation="xla", prefix_bt=prefix)
+
+    _check_against_reference(banded, 2, 24, 4, 2, 8, 0, window=5)
+    _check_against_reference(prefixed, 2, 24, 4, 2, 8, 0, prefix_length=4)
+    bf16 = jnp.zeros((2, 256, 4, 64), jnp.bfloat16)
+    assert kernels.cudnn_unsupported(bf16, False, "gpu", window=256) is None
+    assert "prefix" in kernels.cudnn_unsupported(bf16, False, "gpu", window=256, prefix=True)
 
 
 def test_cudnn_falls_back_on_cpu(caplog):

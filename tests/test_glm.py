@@ -82,20 +82,50 @@ def _layout(tokens, starts, lengths, mask_ids, order):
 def test_mask_layout_matches_the_hand_worked_example():
     # Document 10..19; spans [2] and [6, 7, 8]; part B takes the second span first.
     out = _layout(list(range(10, 20)), [2, 6], [1, 3], [MASK, MASK], [1, 0])
-    assert out["inputs"] == [10, 11, MASK, 13, 14, 15, MASK, 19, SOP]
+    assert out["inputs"] == [10, 11, MASK, 13, 14, 15, MASK, 19]
+    # Each span is read as [sop] + span and predicted as span + [eop].
+    assert out["glm_span_inputs"] == [SOP, 16, 17, 18, SOP, 12]
     assert out["targets"] == [16, 17, 18, EOP, 12, EOP]
-    # Read by the model: A at 0..7; [sop] and 16 17 18 at the second mask (A position 6),
-    # then the [eop] opening the first span and 12 at the first mask (A position 2).
-    assert out["glm_positions"] == [0, 1, 2, 3, 4, 5, 6, 7, 6, 6, 6, 6, 2, 2, 2]
-    assert out["glm_block_positions"] == [0] * 8 + [1, 2, 3, 4, 1, 2, 3]
+    # A at 0..7; the second span (its [sop] too) at its mask, A position 6, block
+    # positions 1..4; then the first span at A position 2, block positions 1, 2.
+    assert out["glm_positions"] == [0, 1, 2, 3, 4, 5, 6, 7, 6, 6, 6, 6, 2, 2]
+    assert out["glm_block_positions"] == [0] * 8 + [1, 2, 3, 4, 1, 2]
 
 
 def test_gmask_layout_matches_the_hand_worked_example():
     out = _layout([10, 11, 12, 13, 14, 15], [3], [3], [GMASK], [0])
-    assert out["inputs"] == [10, 11, 12, GMASK, SOP]
+    assert out["inputs"] == [10, 11, 12, GMASK]
+    assert out["glm_span_inputs"] == [SOP, 13, 14, 15]
     assert out["targets"] == [13, 14, 15, EOP]
-    assert out["glm_positions"] == [0, 1, 2, 3, 3, 3, 3, 3, 3]
-    assert out["glm_block_positions"] == [0, 0, 0, 0, 1, 2, 3, 4, 5]
+    assert out["glm_positions"] == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert out["glm_block_positions"] == [0, 0, 0, 0, 1, 2, 3, 4]
+
+
+def test_converter_packs_the_hand_worked_examples_into_one_row():
+    from paxlike.data.glm_features import GlmFeatureConverter
+
+    examples = [_layout(list(range(10, 20)), [2, 6], [1, 3], [MASK, MASK], [1, 0]),
+                _layout([10, 11, 12, 13, 14, 15], [3], [3], [GMASK], [0])]
+    ds = tf.data.Dataset.from_generator(
+        lambda: iter(examples), output_signature={
+            k: tf.TensorSpec([None], tf.int32) for k in examples[0]})
+    lengths = {"inputs": 12, "targets": 12, "glm_span_inputs": 12, "glm_positions": 24,
+               "glm_block_positions": 24}
+    row = next(GlmFeatureConverter(pack=True)(ds, lengths).as_numpy_iterator())
+    row = {k: v.tolist() for k, v in row.items()}
+    a1, a2 = [10, 11, MASK, 13, 14, 15, MASK, 19], [10, 11, 12, GMASK]
+    assert row["decoder_input_tokens"] == a1 + [SOP, 16, 17, 18, SOP, 12] + a2 + [
+        SOP, 13, 14, 15] + [0] * 2
+    assert row["decoder_target_tokens"] == [0] * 8 + [16, 17, 18, EOP, 12, EOP] + [0] * 4 + [
+        13, 14, 15, EOP] + [0] * 2
+    assert row["decoder_loss_weights"] == [0] * 8 + [1] * 6 + [0] * 4 + [1] * 4 + [0] * 2
+    assert row["decoder_causal_attention"] == [1] * 8 + [0] * 6 + [1] * 4 + [0] * 6
+    assert row["decoder_segment_ids"] == [1] * 14 + [2] * 8 + [0] * 2
+    assert row["decoder_positions"] == list(range(14)) + list(range(8)) + [0] * 2
+    assert row["decoder_glm_positions"] == [0, 1, 2, 3, 4, 5, 6, 7, 6, 6, 6, 6, 2, 2] + [
+        0, 1, 2, 3, 3, 3, 3, 3] + [0] * 2
+    assert row["decoder_block_positions"] == [0] * 8 + [1, 2, 3, 4, 1, 2] + [0] * 4 + [
+        1, 2, 3, 4] + [0] * 2
 
 
 def test_sampled_spans_have_glm_statistics():
@@ -146,8 +176,10 @@ def test_examples_are_deterministic_per_seed_and_rebuild_the_document():
     assert first == again and first != other
     for ex in first:
         inputs, targets = ex["inputs"], ex["targets"]
-        assert inputs[-1] == SOP and targets[-1] == EOP and len(inputs) <= 64
+        assert targets[-1] == EOP and len(inputs) <= 64
         assert len(inputs) + len(targets) == len(ex["glm_positions"])
+        assert [t for t in ex["glm_span_inputs"] if t != SOP] == [
+            t for t in targets if t != EOP]
         # Filling each blank with its span (in A order) gives the piece back.
         spans, span = [], []
         for token in targets:
@@ -158,18 +190,18 @@ def test_examples_are_deterministic_per_seed_and_rebuild_the_document():
                 span.append(token)
         blanks = [p for p, token in enumerate(inputs) if token in (MASK, GMASK)]
         assert len(blanks) == len(spans)
-        starts = [ex["glm_positions"][len(inputs) - 1]] + [
-            ex["glm_positions"][len(inputs) + i] for i, t in enumerate(targets[:-1]) if t == EOP]
+        starts = [ex["glm_positions"][len(inputs) + i]
+                  for i, t in enumerate(ex["glm_span_inputs"]) if t == SOP]
         by_blank = dict(zip(starts, spans))
         piece = []
-        for p, token in enumerate(inputs[:-1]):
+        for p, token in enumerate(inputs):
             piece.extend(by_blank[p] if p in by_blank else [token])
         assert all(3 <= t < 259 for t in piece) and len(piece) <= 63
 
 
-def test_prefix_lm_rows_weight_part_b_only():
+def test_glm_rows_weight_part_b_only_and_open_every_span_with_sop():
     config = DataConfig(mixture_or_task_name="glm_default_mixture", seq_len=128, batch_size=4,
-                        objective="prefix_lm")
+                        objective="glm_blank_infilling")
     batch = next(DataStream(config, "train", 0, 1, shuffle=False))
     for row in range(4):
         seg = batch["decoder_segment_ids"][row]
@@ -178,9 +210,15 @@ def test_prefix_lm_rows_weight_part_b_only():
             weights = batch["decoder_loss_weights"][row, idx]
             n_a = int((weights == 0).sum())
             assert weights.tolist() == [0] * n_a + [1] * (len(idx) - n_a)
-            # The model reads [sop] where part B's first target is due; B ends with [eop].
-            assert batch["decoder_input_tokens"][row, idx[n_a]] == SOP
-            assert batch["decoder_target_tokens"][row, idx[-1]] == EOP
+            assert batch["decoder_causal_attention"][row, idx].tolist() == [1] * n_a + [0] * (
+                len(idx) - n_a)
+            # Part B: each span read as [sop] + span, predicted as span + [eop].
+            read = batch["decoder_input_tokens"][row, idx[n_a:]].tolist()
+            want = batch["decoder_target_tokens"][row, idx[n_a:]].tolist()
+            assert read[0] == SOP and want[-1] == EOP
+            for i in range(1, len(read)):
+                assert read[i] == (SOP if want[i - 1] == EOP else want[i - 1])
+            assert batch["decoder_block_positions"][row, idx[n_a]] == 1
 
 
 def test_tiny_glm_learns_blank_infilling(tmp_path):
@@ -189,9 +227,48 @@ def test_tiny_glm_learns_blank_infilling(tmp_path):
     config = tiny_config(gin_files=["models/tiny_glm.gin", "runs/glm_blank_infilling.gin"],
                          TRAIN_STEPS=20, LEARNING_RATE=1e-2, WARMUP_STEPS=2, SEQ_LEN=64,
                          CHECKPOINT_EVERY=20)
-    assert config.data.objective == "prefix_lm"
+    assert config.data.objective == "glm_blank_infilling"
+    assert config.model.position == "rope_2d" and config.model.bidirectional_prefix
     train(config, str(tmp_path / "run"), show_progress=False)
     losses = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "run"))}
     # From a random model's ln(384) = 5.95 to the bytes' frequencies and [eop] at least.
     assert losses[1] == pytest.approx(math.log(384), abs=0.3)
     assert losses[20] < losses[1] - 1.5, losses
+
+
+def test_glm_fill_in_cached_decoding_equals_full_recomputation():
+    import dataclasses
+
+    import jax.numpy as jnp
+    from conftest import random_language_model
+
+    from paxlike.inference import blank_filling, sampling
+
+    cfg = dataclasses.replace(_bound("models/tiny_glm.gin"), max_seq_len=64)
+    model = random_language_model(cfg)
+    params = model.params
+    prompts = [[50, 60, MASK, 70, 80, 81, 82], [90, 91, 92, 93, 94, 95, GMASK]]
+    new, n = 4, 7
+    out = blank_filling.fill_blank(cfg, params, prompts, new, sampling.Sampler(),
+                                   return_logits=True)
+    assert not (out.tokens_bn[:, :-1] == EOP).any()  # a random model: spans run to the limit
+    # Full recomputation of each row: A (bidirectional, positions (i, 0)), then [sop] and
+    # the decoded tokens, all at the blank's place with block positions 1, 2, ... .
+    rows = [p + [SOP] + out.tokens_bn[b, :-1].tolist() for b, p in enumerate(prompts)]
+    pos = [[(i, 0) for i in range(n)] + [(blank, 1 + i) for i in range(new)] for blank in (2, 6)]
+    logits = np.asarray(jax.jit(Transformer(cfg).apply)(
+        {"params": params}, jnp.asarray(rows), jnp.broadcast_to(jnp.arange(n + new), (2, n + new)),
+        jnp.ones((2, n + new), jnp.int32), prefix_bt=jnp.asarray([[1] * n + [0] * new] * 2),
+        positions_2d_bt2=jnp.asarray(pos)))
+    np.testing.assert_allclose(out.logits_bnv, logits[:, n:], rtol=0, atol=1e-4)
+    assert out.tokens_bn.tolist() == logits[:, n:].argmax(-1).tolist()  # greedy
+    # `generate` on a GLM model takes this path for prompts holding a blank.
+    from paxlike.inference import generation
+
+    assert generation.generate(model, prompts, max_new_tokens=new).tokens == [
+        [row] for row in out.tokens_bn.tolist()]
+    # The 2D positions matter: the same tokens with 1D positions give other logits.
+    flat = np.asarray(jax.jit(Transformer(cfg).apply)(
+        {"params": params}, jnp.asarray(rows), jnp.broadcast_to(jnp.arange(n + new), (2, n + new)),
+        jnp.ones((2, n + new), jnp.int32), prefix_bt=jnp.asarray([[1] * n + [0] * new] * 2)))
+    assert np.abs(flat[:, n:] - logits[:, n:]).max() > 1e-2

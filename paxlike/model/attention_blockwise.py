@@ -7,7 +7,8 @@
 # the per-row logsumexp and recomputes each block's scores: autodiff of the loops
 # would store every block's probabilities, which is T x T again. A banded layer
 # (window W) also lets query block q skip every key block outside [q_start - W + 1,
-# q_end], so it costs O(T x W).
+# q_end], so it costs O(T x W). A bidirectional prefix (a prefix-LM's inputs, GLM's
+# part A) lets a query see keys after it, so then every query block walks every key block.
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class _Spec(NamedTuple):
     grouped: bool  # q carries a group axis (more than one query head per K/V head)
     alibi: bool
     window: int = 0  # a query sees the last `window` keys, itself included; 0 = all earlier ones
+    prefix: bool = False  # queries in a document's prefix also see the prefix's later keys
 
 
 def _eqs(grouped: bool) -> dict[str, str]:
@@ -44,16 +46,19 @@ def _eqs(grouped: bool) -> dict[str, str]:
 
 
 def _masked_logits(spec: _Spec, q_blk, k_blk, posq_bt, segq_bt, posk_bs, segk_bs, slopes,
-                   q0, s0, live=True):
+                   q0, s0, live=True, prefq_bt=None, prefk_bs=None):
     """Float32 scores of one (query block, key block) pair, masked as the reference masks them."""
     logits = jnp.einsum(_eqs(spec.grouped)["scores"], q_blk, k_blk,
                         preferred_element_type=jnp.float32)
     rows_t = q0 + jnp.arange(spec.query_block)
     cols_s = s0 + jnp.arange(spec.key_block)
-    mask_bts = (cols_s[None, None, :] <= rows_t[None, :, None]) & (
-        segq_bt[:, :, None] == segk_bs[:, None, :]) & live
+    causal_ts = cols_s[None, :] <= rows_t[:, None]
     if spec.window:
-        mask_bts = mask_bts & (rows_t[:, None] - cols_s[None, :] < spec.window)[None]
+        causal_ts = causal_ts & (rows_t[:, None] - cols_s[None, :] < spec.window)
+    visible_bts = causal_ts[None]
+    if spec.prefix:
+        visible_bts = visible_bts | (prefq_bt[:, :, None] & prefk_bs[:, None, :])
+    mask_bts = visible_bts & (segq_bt[:, :, None] == segk_bs[:, None, :]) & live
     # The score tensor is (b, k[, g], t, s): expand per-(b, t, s) terms to match.
     expand = (slice(None),) + (None,) * (logits.ndim - 3)
     if spec.alibi:
@@ -77,6 +82,9 @@ def _band_blocks(spec: _Spec) -> int:
 
 def _over_key_blocks(spec: _Spec, i, body, init):
     """Folds body(j, live, state) over the key blocks query block i meets (live False: skip it)."""
+    if spec.prefix:
+        num_blocks = -(-spec.length // spec.key_block)
+        return jax.lax.fori_loop(0, num_blocks, lambda j, st: body(j, True, st), init)
     if not spec.window:
         return jax.lax.fori_loop(0, _key_blocks(spec, i), lambda j, st: body(j, True, st), init)
     # Walk back from the block holding the last causal key; the band's blocks are a static
@@ -96,7 +104,7 @@ def _slice_t(x, start, size, axis=1):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _forward(spec: _Spec, q, k, v, posq, segq, posk, segk, slopes):
+def _forward(spec: _Spec, q, k, v, posq, segq, posk, segk, slopes, prefq, prefk):
     """(out, lse): out like q (padded), lse (b, k[, g], Tq) float32."""
     eqs = _eqs(spec.grouped)
     qb, kb = spec.query_block, spec.key_block
@@ -107,14 +115,16 @@ def _forward(spec: _Spec, q, k, v, posq, segq, posk, segk, slopes):
     def q_body(i, carry):
         out, lse = carry
         q0 = i * qb
-        q_blk, posq_blk, segq_blk = (_slice_t(a, q0, qb) for a in (q, posq, segq))
+        q_blk, posq_blk, segq_blk, prefq_blk = (_slice_t(a, q0, qb)
+                                                for a in (q, posq, segq, prefq))
 
         def k_body(j, live, state):
             m, l, acc = state
             s0 = j * kb
             logits, mask = _masked_logits(spec, q_blk, _slice_t(k, s0, kb), posq_blk, segq_blk,
                                           _slice_t(posk, s0, kb), _slice_t(segk, s0, kb),
-                                          slopes, q0, s0, live)
+                                          slopes, q0, s0, live, prefq_blk,
+                                          _slice_t(prefk, s0, kb))
             m_new = jnp.maximum(m, logits.max(-1))
             # Masked entries contribute nothing even while a row's max is still the mask value.
             p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
@@ -125,7 +135,7 @@ def _forward(spec: _Spec, q, k, v, posq, segq, posk, segk, slopes):
 
         init = (jnp.full(stat_shape, _NEG), jnp.zeros(stat_shape), jnp.zeros(acc_shape))
         m, l, acc = _over_key_blocks(spec, i, k_body, init)
-        # Every row sees at least itself (causal, same segment), so l > 0 for valid rows.
+        # Every row sees at least itself (same segment), so l > 0 for valid rows.
         l = jnp.where(l > 0, l, 1.0)
         out_blk = jnp.moveaxis(acc / l[..., None], -2, 1).astype(q.dtype)
         out = jax.lax.dynamic_update_slice_in_dim(out, out_blk, q0, 1)
@@ -138,17 +148,17 @@ def _forward(spec: _Spec, q, k, v, posq, segq, posk, segk, slopes):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(spec: _Spec, q, k, v, posq, segq, posk, segk, slopes):
-    return _forward(spec, q, k, v, posq, segq, posk, segk, slopes)[0]
+def _flash(spec: _Spec, q, k, v, posq, segq, posk, segk, slopes, prefq, prefk):
+    return _forward(spec, q, k, v, posq, segq, posk, segk, slopes, prefq, prefk)[0]
 
 
-def _flash_fwd(spec, q, k, v, posq, segq, posk, segk, slopes):
-    out, lse = _forward(spec, q, k, v, posq, segq, posk, segk, slopes)
-    return out, (q, k, v, posq, segq, posk, segk, slopes, out, lse)
+def _flash_fwd(spec, q, k, v, posq, segq, posk, segk, slopes, prefq, prefk):
+    out, lse = _forward(spec, q, k, v, posq, segq, posk, segk, slopes, prefq, prefk)
+    return out, (q, k, v, posq, segq, posk, segk, slopes, prefq, prefk, out, lse)
 
 
 def _flash_bwd(spec, res, dout):
-    q, k, v, posq, segq, posk, segk, slopes, out, lse = res
+    q, k, v, posq, segq, posk, segk, slopes, prefq, prefk, out, lse = res
     eqs = _eqs(spec.grouped)
     qb, kb = spec.query_block, spec.key_block
     # D_i = sum_h dO_ih O_ih = sum_s P_is dP_is: the softmax Jacobian's row term.
@@ -157,7 +167,8 @@ def _flash_bwd(spec, res, dout):
     def q_body(i, carry):
         dq, dk, dv = carry
         q0 = i * qb
-        q_blk, do_blk, posq_blk, segq_blk = (_slice_t(a, q0, qb) for a in (q, dout, posq, segq))
+        q_blk, do_blk, posq_blk, segq_blk, prefq_blk = (
+            _slice_t(a, q0, qb) for a in (q, dout, posq, segq, prefq))
         lse_blk, delta_blk = (_slice_t(a, q0, qb, a.ndim - 1) for a in (lse, delta))
 
         def k_body(j, live, state):
@@ -166,7 +177,8 @@ def _flash_bwd(spec, res, dout):
             k_blk, v_blk = _slice_t(k, s0, kb), _slice_t(v, s0, kb)
             logits, mask = _masked_logits(spec, q_blk, k_blk, posq_blk, segq_blk,
                                           _slice_t(posk, s0, kb), _slice_t(segk, s0, kb),
-                                          slopes, q0, s0, live)
+                                          slopes, q0, s0, live, prefq_blk,
+                                          _slice_t(prefk, s0, kb))
             p = jnp.where(mask, jnp.exp(logits - lse_blk[..., None]), 0.0)
             dp = jnp.einsum(eqs["scores"], do_blk, v_blk, preferred_element_type=jnp.float32)
             ds = (p * (dp - delta_blk[..., None])).astype(q.dtype)
@@ -185,8 +197,9 @@ def _flash_bwd(spec, res, dout):
 
     init = (jnp.zeros_like(q), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dq, dk, dv = jax.lax.fori_loop(0, q.shape[1] // qb, q_body, init)
-    # Positions, segment ids and the ALiBi slopes are constants of the step: no cotangent.
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
+    # Positions, segment ids, the ALiBi slopes and the prefix are constants of the step: no
+    # cotangent.
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -202,6 +215,7 @@ def blockwise_attention(
     q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray, positions_bt: jnp.ndarray,
     segment_ids_bt: jnp.ndarray, query_block: int, key_block: int,
     alibi_slopes_n: jnp.ndarray | None = None, window: int = 0,
+    prefix_bt: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """Same contract as attention.causal_attention (q already scaled), in (query, key) blocks."""
     b, t, n, h = q_btnh.shape
@@ -221,6 +235,9 @@ def blockwise_attention(
         slopes = jnp.zeros((k, g) if g > 1 else (k,), jnp.float32)
     else:
         slopes = jnp.asarray(alibi_slopes_n, jnp.float32).reshape((k, g) if g > 1 else (k,))
-    spec = _Spec(qb, kb, t, g > 1, alibi_slopes_n is not None, window)
-    out = _flash(spec, q, k_pad, v_pad, posq, segq, posk, segk, slopes)
+    prefix = prefix_bt is not None
+    prefix_bt = (jnp.zeros((b, t), bool) if prefix_bt is None else prefix_bt.astype(bool))
+    prefq, prefk = _pad_t(prefix_bt, tq, False), _pad_t(prefix_bt, tk, False)
+    spec = _Spec(qb, kb, t, g > 1, alibi_slopes_n is not None, window, prefix)
+    out = _flash(spec, q, k_pad, v_pad, posq, segq, posk, segk, slopes, prefq, prefk)
     return out[:, :t].reshape(b, t, n, h)

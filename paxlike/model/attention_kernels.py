@@ -2,8 +2,9 @@
 
 # Each kernel has a `*_unsupported` check that names why it cannot take a call (the
 # caller then falls back to the blockwise XLA path and logs the reason once) and the
-# call itself. The contract is attention.causal_attention's: q already scaled, causal,
-# attention only within a packed segment, N query heads over K K/V heads.
+# call itself. The contract is attention.causal_attention's: q already scaled, causal
+# (optionally within a band of `window` keys), attention only within a packed segment,
+# N query heads over K K/V heads.
 
 from __future__ import annotations
 
@@ -77,12 +78,15 @@ def _mesh_specs(num_heads: int, num_kv_heads: int, batch: int):
 
 
 def splash_unsupported(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, key_block: int, alibi: bool,
-                       interpret: bool = False) -> str | None:
+                       interpret: bool = False, prefix: bool = False) -> str | None:
     """Why splash attention cannot run this call, or None when it can."""
     if not interpret and trace_platform() != "tpu":
         return f"splash attention needs a TPU (tracing for {trace_platform()})"
     if alibi:
         return "splash attention has no ALiBi bias"
+    if prefix:
+        # Splash's masks are static per compiled kernel; a prefix differs per row.
+        return "splash attention has no per-row bidirectional prefix"
     # Any head_dim compiled for v4 (32 to 512 tried, 20 and 80 too): it is not checked.
     t = q_btnh.shape[1]
     if splash_block(t, key_block) is None:
@@ -90,14 +94,21 @@ def splash_unsupported(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, key_block: int,
     return _mesh_specs(q_btnh.shape[2], k_bskh.shape[2], q_btnh.shape[0])[2]
 
 
-def _splash_kernel(num_heads: int, length: int, block: int, mqa: bool, interpret: bool):
+def _splash_kernel(num_heads: int, length: int, block: int, mqa: bool, interpret: bool,
+                   window: int = 0):
     """The splash kernel for one device's shard of heads, causal over `length` positions."""
     # Built inside each trace, so its mask tables are constants of that trace (the
     # numpy work behind them is cached by the mask library).
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-    causal = masks.CausalMask(shape=(length, length))
+    if window:
+        # A band is LocalMask's window (W - 1 keys back, none ahead): the right side of 0
+        # makes it causal as well, so no CausalMask is and-ed in (splash's LogicalAnd would
+        # build the mask as a dense numpy array), and splash skips the key blocks it empties.
+        causal = masks.LocalMask(shape=(length, length), window_size=(window - 1, 0), offset=0)
+    else:
+        causal = masks.CausalMask(shape=(length, length))
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -109,8 +120,8 @@ def _splash_kernel(num_heads: int, length: int, block: int, mqa: bool, interpret
 
 def splash_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
                      segment_ids_bt: jnp.ndarray, key_block: int,
-                     interpret: bool = False) -> jnp.ndarray:
-    """Causal, segment-masked attention by the Pallas splash kernel, one shard per device."""
+                     interpret: bool = False, window: int = 0) -> jnp.ndarray:
+    """Causal (banded if `window`), segment-masked attention by Pallas splash, per device."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     b, t, n, _ = q_btnh.shape
@@ -120,7 +131,7 @@ def splash_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarr
 
     def local(q_btnh, k_bskh, v_bskh, seg_bt):
         mqa = k_bskh.shape[2] == 1
-        kernel = _splash_kernel(q_btnh.shape[2], t, block, mqa, interpret)
+        kernel = _splash_kernel(q_btnh.shape[2], t, block, mqa, interpret, window)
         q_bnth = q_btnh.transpose(0, 2, 1, 3)
         if mqa:  # one K/V head shared by all: the MQA kernel takes (s, h) per example
             k_in, v_in = k_bskh[:, :, 0], v_bskh[:, :, 0]
@@ -150,13 +161,17 @@ def _gpu_max_head_dim() -> int:
     return 256 if capability >= 9.0 else 128
 
 
-def cudnn_unsupported(q_btnh: jnp.ndarray, alibi: bool, platform: str | None = None) -> str | None:
+def cudnn_unsupported(q_btnh: jnp.ndarray, alibi: bool, platform: str | None = None,
+                      window: int = 0, prefix: bool = False) -> str | None:
     """Why cuDNN's fused attention cannot run this call, or None when it can."""
     platform = platform or trace_platform()
     if platform != "gpu":
         return f"cuDNN attention needs a GPU (tracing for {platform})"
     if alibi:
         return "cuDNN attention would need ALiBi as a (T x T) bias"
+    if window and prefix:
+        # The sliding window would also cut the prefix's look-ahead.
+        return "cuDNN attention has no band together with a bidirectional prefix"
     if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN fused attention takes bfloat16/float16, got {q_btnh.dtype}"
     t, h = q_btnh.shape[1], q_btnh.shape[3]
@@ -170,13 +185,25 @@ def cudnn_unsupported(q_btnh: jnp.ndarray, alibi: bool, platform: str | None = N
 
 
 def cudnn_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
-                    segment_ids_bt: jnp.ndarray, implementation: str = "cudnn") -> jnp.ndarray:
+                    segment_ids_bt: jnp.ndarray, implementation: str = "cudnn", window: int = 0,
+                    prefix_bt: jnp.ndarray | None = None) -> jnp.ndarray:
     """Causal, segment-masked attention by jax.nn.dot_product_attention (cuDNN's fused kernel)."""
     # jax's public API has no segment ids: packing is a (b, 1, T, S) mask, which cuDNN
     # receives as an additive bias (T x S per example, not per head). Causality is the
     # kernel's own mask, so it skips the upper triangle. `implementation='xla'` runs the
     # same arguments through XLA, which is how CPU tests check them.
+    # A band is cuDNN's sliding window, local_window_size = (W - 1 back, 0 ahead). A
+    # bidirectional prefix goes into the mask, which then carries causality too.
     same_segment_b1ts = segment_ids_bt[:, None, :, None] == segment_ids_bt[:, None, None, :]
+    if prefix_bt is not None:
+        t = segment_ids_bt.shape[1]
+        prefix_b1t = prefix_bt.astype(bool)[:, None]
+        visible_b1ts = (jnp.tril(jnp.ones((t, t), bool))[None, None]
+                        | (prefix_b1t[..., :, None] & prefix_b1t[..., None, :]))
+        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh,
+                                            mask=same_segment_b1ts & visible_b1ts, scale=1.0,
+                                            implementation=implementation)
     return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=same_segment_b1ts,
                                         scale=1.0, is_causal=True,
+                                        local_window_size=(window - 1, 0) if window else None,
                                         implementation=implementation)
