@@ -1,6 +1,7 @@
 """Knobs of large runs: gradient accumulation, parameter and moment dtypes, the optimizer's implementation and decay mask."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -104,3 +105,37 @@ def test_remat_auto_is_resolved_per_platform():
     assert config.for_platform("cpu").remat_policy == "save_dots"
     assert config.for_platform("tpu").remat_policy == "none"
     assert ModelConfig.from_fields(remat_policy="full").for_platform("cpu").remat_policy == "full"
+
+
+def test_scan_unroll_auto_unrolls_the_stack_on_cpu_only():
+    config = ModelConfig.from_fields(num_layers=12)
+    assert config.scan_unroll == "auto"
+    assert config.for_platform("cpu").scan_unroll == 12
+    assert config.for_platform("tpu").scan_unroll == 1
+    assert config.for_platform("gpu").scan_unroll == 1
+    assert ModelConfig.from_fields(scan_unroll=3).for_platform("cpu").scan_unroll == 3
+    with pytest.raises(UserError, match="scan_unroll = 0"):
+        ModelConfig.from_fields(scan_unroll=0)
+
+
+def test_an_unrolled_scan_keeps_the_stacked_parameters_and_the_losses(tmp_path):
+    rolled = train(tiny_config(num_devices=1, **{"ModelConfig.scan_unroll": "1"}, **SHORT),
+                   str(tmp_path / "rolled"), show_progress=False)
+    unrolled = train(tiny_config(num_devices=1, **SHORT), str(tmp_path / "auto"),
+                     show_progress=False)
+    assert jax.tree.structure(unrolled.state.params) == jax.tree.structure(rolled.state.params)
+    steps = sorted(rolled.losses)
+    np.testing.assert_allclose([unrolled.losses[s] for s in steps],
+                               [rolled.losses[s] for s in steps], rtol=1e-5)
+
+
+def test_input_threads_auto_leaves_cores_to_a_cpu_step():
+    from paxlike.data.stream import DataConfig, input_threads_for
+
+    config = DataConfig()
+    assert config.input_threads == "auto"
+    assert input_threads_for(config, "cpu") == max(1, (os.cpu_count() or 1) // 4)
+    assert input_threads_for(config, "tpu") == 0  # TensorFlow's own default pool
+    assert input_threads_for(DataConfig(input_threads=3), "cpu") == 3
+    with pytest.raises(UserError, match="input_threads = -1"):
+        DataConfig(input_threads=-1)

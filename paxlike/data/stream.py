@@ -6,14 +6,17 @@ import collections
 import dataclasses
 import io
 import json
+import os
 from typing import Sequence
 
 import gin
+import jax
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from paxlike import storage
+from paxlike.data.glm_features import GlmFeatureConverter
 from paxlike.errors import UserError
 
 # The input pipeline runs on the host: keep TensorFlow off any GPU so it does not
@@ -23,11 +26,21 @@ tf.config.set_visible_devices([], "GPU")
 # Model inputs produced by seqio's packed LM feature converter.
 FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions")
+# With DataConfig.domain_ids: each token's domain, the index of its Task in the domain list.
+DOMAIN_FEATURE = "decoder_domain_ids"
 
 
 OBJECTIVES = {
     "causal_lm": lambda: seqio.LMFeatureConverter(pack=True),
     "prefix_lm": lambda: seqio.PrefixLMFeatureConverter(pack=True, loss_on_targets_only=True),
+    "glm_blank_infilling": lambda: GlmFeatureConverter(pack=True),
+}
+# Features an objective adds to FEATURES: the bidirectional prefix, GLM's 2D positions.
+OBJECTIVE_FEATURES = {
+    "causal_lm": (),
+    "prefix_lm": ("decoder_causal_attention",),
+    "glm_blank_infilling": ("decoder_causal_attention", "decoder_glm_positions",
+                            "decoder_block_positions"),
 }
 
 
@@ -49,11 +62,22 @@ class DataConfig:
     # background thread (0: read each batch when its step starts).
     prefetch: int = 2
     # How a Task's examples become rows: 'causal_lm' (one `targets` stream, loss on every
-    # token) or 'prefix_lm' (`inputs` then `targets` in one row, loss on the targets only:
-    # instruction tuning). The model attends causally either way.
+    # token), 'prefix_lm' (`inputs` then `targets` in one row, loss on the targets only:
+    # instruction tuning; rows mark the inputs in decoder_causal_attention, which a model
+    # with ModelConfig.bidirectional_prefix attends bidirectionally) or
+    # 'glm_blank_infilling' (GLM's part A then [sop]-led spans, with 2D positions; the
+    # Task must be a GLM one, paxlike.tasks.glm).
     objective: str = "causal_lm"
-    # prefix_lm: the tokens of a row an example's `inputs` may take (None: half the row).
+    # prefix_lm, GLM: the tokens of a row `inputs` (GLM: part A) may take (None: half).
     inputs_length: int | None = None
+    # Also yield DOMAIN_FEATURE: per token, the position of its document's Task in `domains`
+    # (empty: the Mixture's Tasks in order), carried through packing (DEMix routing).
+    domain_ids: bool = False
+    domains: tuple[str, ...] = ()
+    # Threads tf.data may use for this process's input (0: TensorFlow's default, one per
+    # core). 'auto' resolves per platform (input_threads_for): on a CPU backend the train
+    # step runs on the same cores, and an unbounded input pool takes them from it.
+    input_threads: int | str = "auto"
 
     def __post_init__(self):
         for field in ("seq_len", "batch_size"):
@@ -68,13 +92,28 @@ class DataConfig:
         if self.inputs_length is not None and not 0 < self.inputs_length < self.seq_len:
             raise UserError(f"DataConfig.inputs_length = {self.inputs_length!r}; it must lie "
                             f"between 0 and SEQ_LEN = {self.seq_len}, exclusive")
+        if isinstance(self.domains, list):  # gin spells a tuple of names as a list
+            object.__setattr__(self, "domains", tuple(self.domains))
+        if self.input_threads != "auto" and (not isinstance(self.input_threads, int)
+                                             or isinstance(self.input_threads, bool)
+                                             or self.input_threads < 0):
+            raise UserError(f"DataConfig.input_threads = {self.input_threads!r}; it must be "
+                            "'auto' or an int >= 0 (0: TensorFlow's default)")
+        if self.domain_ids and self.objective != "causal_lm":
+            raise UserError("DataConfig.domain_ids packs domains for the causal_lm objective only; "
+                            "set DataConfig.objective = 'causal_lm' or domain_ids = False")
 
     def feature_lengths(self) -> dict[str, int]:
         """Task feature lengths whose packed rows are `seq_len` long."""
         if self.objective == "causal_lm":
             return {"targets": self.seq_len}
+        # GLM: part A in `inputs`, part B in `targets`; the converter joins them in one row.
         inputs = self.inputs_length or self.seq_len // 2
-        return {"inputs": inputs, "targets": self.seq_len - inputs}
+        lengths = {"inputs": inputs, "targets": self.seq_len - inputs}
+        if self.objective == "glm_blank_infilling":
+            lengths.update(glm_span_inputs=self.seq_len - inputs, glm_positions=self.seq_len,
+                           glm_block_positions=self.seq_len)
+        return lengths
 
     def feature_converter(self) -> seqio.FeatureConverter:
         """seqio's packing converter for the objective."""
@@ -92,6 +131,40 @@ def get_provider(config: DataConfig) -> seqio.DatasetProviderBase:
         raise UserError(
             f"MIXTURE_OR_TASK_NAME {name!r} is not a registered seqio Task or Mixture; "
             f"known: {known}") from None
+
+
+def features(config: DataConfig) -> tuple[str, ...]:
+    """The per-token arrays a batch holds: FEATURES, the objective's, DOMAIN_FEATURE if asked."""
+    return (FEATURES + OBJECTIVE_FEATURES[config.objective]
+            + ((DOMAIN_FEATURE,) if config.domain_ids else ()))
+
+
+def domain_names(config: DataConfig) -> tuple[str, ...]:
+    """The domains in index order: DataConfig.domains, or the Mixture's Tasks (a Task: itself)."""
+    if config.domains:
+        return config.domains
+    provider = get_provider(config)
+    return tuple(t.name for t in provider.tasks) if isinstance(provider, seqio.Mixture) else (
+        provider.name,)
+
+
+class DomainLMFeatureConverter(seqio.LMFeatureConverter):
+    """seqio's LM converter that also packs the per-token `domain_ids` into DOMAIN_FEATURE."""
+
+    TASK_FEATURES = {**seqio.LMFeatureConverter.TASK_FEATURES,
+                     "domain_ids": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+    MODEL_FEATURES = {**seqio.LMFeatureConverter.MODEL_FEATURES,
+                      DOMAIN_FEATURE: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+
+    def _convert_example(self, features):
+        # Packed as domain + 1: seqio's packing takes 0 for padding and drops it.
+        domains = tf.maximum(features["domain_ids"] - 1, 0)
+        return {**super()._convert_example(features), DOMAIN_FEATURE: domains}
+
+    def get_model_feature_lengths(self, task_feature_lengths):
+        lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
+        lengths[DOMAIN_FEATURE] = task_feature_lengths["targets"]
+        return lengths
 
 
 def vocab_size(config: DataConfig) -> int:
@@ -116,12 +189,31 @@ def _shard_dataset(config: DataConfig, split: str, shard: int, num_shards: int,
         ds = _packed(config, config.mixture_or_task_name, split, shard, num_shards, shuffle,
                      num_epochs)
     # A finite pass (evaluation) keeps its last, short batch; the stream pads it.
-    return ds.batch(config.batch_size // num_shards, drop_remainder=num_epochs is None)
+    ds = ds.batch(config.batch_size // num_shards, drop_remainder=num_epochs is None)
+    threads = input_threads_for(config, jax.default_backend())
+    if threads:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = threads
+        options.threading.max_intra_op_parallelism = 1
+        ds = ds.with_options(options)
+    return ds
+
+
+def input_threads_for(config: DataConfig, platform: str) -> int:
+    """Threads tf.data gets on `platform` (0: TensorFlow's default), 'auto' resolved."""
+    if config.input_threads != "auto":
+        return config.input_threads
+    # On a CPU backend the step's XLA threads share the cores with tf.data: measured on
+    # 2 cores (docs/benchmarks.md), a quarter of them feeds a language model's batches.
+    # Accelerator hosts keep TensorFlow's default pool for their input.
+    return max(1, (os.cpu_count() or 1) // 4) if platform == "cpu" else 0
 
 
 def _packed(config: DataConfig, name: str, split: str, shard: int, num_shards: int,
             shuffle: bool, num_epochs: int | None) -> tf.data.Dataset:
     """Packed LM rows of one shard of a Task or Mixture."""
+    if config.domain_ids:
+        return _packed_with_domains(config, name, split, shard, num_shards, shuffle, num_epochs)
     return seqio.get_dataset(
         name,
         task_feature_lengths=config.feature_lengths(),
@@ -133,6 +225,47 @@ def _packed(config: DataConfig, name: str, split: str, shard: int, num_shards: i
         seed=config.seed + shard,
         verbose=False,
     )
+
+
+def _packed_with_domains(config: DataConfig, name: str, split: str, shard: int, num_shards: int,
+                         shuffle: bool, num_epochs: int | None) -> tf.data.Dataset:
+    """_packed's rows, each document's tokens tagged with its Task's domain index before packing.
+
+    Follows seqio.get_dataset and Mixture.get_dataset step for step (the same Task
+    datasets, rates, sampler and seed), so the rows are those of the untagged stream.
+    """
+    provider = seqio.get_mixture_or_task(name)
+    index = {domain: j for j, domain in enumerate(domain_names(config))}
+    lengths = {"targets": config.seq_len}
+    shard_info = seqio.ShardInfo(index=shard, num_shards=num_shards) if num_shards > 1 else None
+    seed = config.seed + shard
+
+    def tagged(task: seqio.Task, ds: tf.data.Dataset) -> tf.data.Dataset:
+        if task.name not in index:
+            raise UserError(f"Task {task.name!r} of {config.mixture_or_task_name!r} is not in "
+                            f"DataConfig.domains {list(index)}; add it (or leave domains empty)")
+        # + 1: packing would take domain 0 for padding (DomainLMFeatureConverter undoes it).
+        j = tf.constant(index[task.name] + 1, tf.int32)
+
+        @tf.autograph.experimental.do_not_convert
+        def tag(ex):
+            return {**ex, "domain_ids": tf.fill(tf.shape(ex["targets"]), j)}
+
+        return ds.map(tag, num_parallel_calls=tf.data.AUTOTUNE)
+
+    if isinstance(provider, seqio.Mixture):
+        tasks = [t for t in provider.tasks if split in t.splits]
+        parts = [tagged(t, provider.get_task_dataset(
+            t, set(provider.output_features), lengths, split, False, shuffle, seed, shard_info,
+            num_epochs, True, True)) for t in tasks]
+        # The Mixture's own rates and sampler (sample_from_datasets unless registered otherwise).
+        ds = provider._sample_fn(parts, provider._get_all_mixing_rates(tasks), seed)
+    else:
+        ds = tagged(provider, provider.get_dataset(
+            lengths, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+            num_epochs=num_epochs, trim_output_features=True))
+    return DomainLMFeatureConverter(pack=True)(
+        ds, task_feature_lengths={"targets": config.seq_len, "domain_ids": config.seq_len})
 
 
 def contiguous_shards(num_shards: int, process_index: int, process_count: int) -> range:
@@ -205,6 +338,7 @@ class DataStream:
         # The shards whose position this process writes (each shard by one process).
         self.writes = tuple(self.shards if writes is None else writes)
         self._rows = config.batch_size // num_shards
+        self._features = features(config)
         self._seq_len = config.seq_len
         self._num_shards = num_shards
         self._process_index = process_index
@@ -230,12 +364,13 @@ class DataStream:
         if not self._finite:
             parts = [replay.popleft() if replay else {k: v.numpy() for k, v in next(it).items()}
                      for replay, it in zip(self._replay, self._iterators)]
-            return {k: np.concatenate([p[k] for p in parts], axis=0) for k in FEATURES}
+            return {k: np.concatenate([p[k] for p in parts], axis=0) for k in self._features}
         parts = [replay.popleft() if replay else next(it, None)
                  for replay, it in zip(self._replay, self._iterators)]
         if all(p is None for p in parts):
             raise StopIteration
-        return {k: np.concatenate([self._padded(p, k) for p in parts], axis=0) for k in FEATURES}
+        return {k: np.concatenate([self._padded(p, k) for p in parts], axis=0)
+                for k in self._features}
 
     def _padded(self, part, feature: str) -> np.ndarray:
         """One shard's rows of `feature`, zero rows (weight 0, segment 0) filling a short or absent batch."""
@@ -248,7 +383,7 @@ class DataStream:
 
     def _split(self, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """A batch of this process's rows -> each shard's rows."""
-        return [{k: batch[k][j * self._rows:(j + 1) * self._rows] for k in FEATURES}
+        return [{k: batch[k][j * self._rows:(j + 1) * self._rows] for k in self._features}
                 for j in range(len(self.shards))]
 
     def push_back(self, batch: dict[str, np.ndarray]) -> None:
@@ -277,7 +412,7 @@ class DataStream:
             buffer = io.BytesIO()
             np.savez(buffer, count=np.asarray(len(pending)),
                      **{k: np.stack([b[k] for b in pending]) if pending
-                        else np.zeros((0,), np.int32) for k in FEATURES})
+                        else np.zeros((0,), np.int32) for k in self._features})
             storage.write_bytes(storage.join(path, "pending.npz"), buffer.getvalue())
 
     def restore(self, directory: str) -> None:
@@ -304,4 +439,5 @@ class DataStream:
                 storage.join(path, "iterator")).assert_consumed()
             with np.load(storage.bytes_io(storage.join(path, "pending.npz"))) as saved:
                 self._replay[j] = collections.deque(
-                    {k: saved[k][i] for k in FEATURES} for i in range(int(saved["count"])))
+                    {k: saved[k][i] for k in self._features}
+                    for i in range(int(saved["count"])))

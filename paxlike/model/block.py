@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from paxlike.model.attention import Attention
+from paxlike.model.attention import Attention, TokenLayout
 from paxlike.model.config import ModelConfig
 from paxlike.model.kv_cache import KVCache, stack_layers
 from paxlike.model.mlp import Mlp
@@ -57,8 +59,13 @@ class Block(nn.Module):
     def __call__(
         self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
         kv_cache: KVCache | None = None, layer: jnp.ndarray | None = None,
+        layout: TokenLayout | None = None, domains: jnp.ndarray | None = None,
     ) -> tuple[jnp.ndarray, KVCache | None]:
-        """`layer`: a scanned stack's traced layer index, given when layers' bands differ."""
+        """`layer`: a scanned stack's traced layer index, given when layers' bands differ.
+
+        `layout`: a bidirectional prefix and 2D positions, when the batch has them.
+        `domains`: the tokens' domains for a domain-routed MoE MLP (moe.domain_weights).
+        """
         cfg = self.config
         layer = self.layer_index if self.layer_index is not None else layer
         if cfg.layer_grad_boundary == "on":
@@ -69,12 +76,15 @@ class Block(nn.Module):
 
         def attend(h_btd):
             if kv_cache is None:
-                return attention(h_btd, positions_bt, segment_ids_bt, None, layer)
-            out_btd, cache = attention(h_btd, positions_bt, segment_ids_bt, kv_cache, layer)
+                return attention(h_btd, positions_bt, segment_ids_bt, None, layer, layout)
+            out_btd, cache = attention(h_btd, positions_bt, segment_ids_bt, kv_cache, layer,
+                                       layout)
             updated.append(cache)
             return out_btd
 
         mlp = MoeMlp(cfg, self.train, name="moe") if self.moe else Mlp(cfg, name="mlp")
+        if self.moe and domains is not None:
+            mlp = functools.partial(mlp, domains=domains)
         if cfg.block == "parallel":
             h_btd = Norm(cfg, name="norm")(x_btd)
             y_btd = x_btd + attend(h_btd) + mlp(h_btd)
@@ -107,6 +117,7 @@ class LayerGroup(nn.Module):
     def __call__(
         self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
         kv_cache: KVCache | None = None, group: jnp.ndarray | None = None,
+        layout: TokenLayout | None = None, domains: jnp.ndarray | None = None,
     ) -> tuple[jnp.ndarray, KVCache | None]:
         """Decoding passes the group's (moe_every, batch, ...) cache and gets it back updated.
 
@@ -118,6 +129,6 @@ class LayerGroup(nn.Module):
             layer = None if group is None else group * self.config.moe_every + j
             x_btd, cache = self.block(self.config, self.train, j == last, name=f"layer_{j}")(
                 x_btd, positions_bt, segment_ids_bt,
-                None if kv_cache is None else kv_cache.layer(j), layer)
+                None if kv_cache is None else kv_cache.layer(j), layer, layout, domains)
             caches.append(cache)
         return x_btd, (None if kv_cache is None else stack_layers(caches))

@@ -13,19 +13,19 @@ _CHOICES = {
     "block": ("parallel", "serial"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp_activation": ("swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu"),
-    "position": ("rope", "alibi", "learned", "none"),
+    "position": ("rope", "rope_2d", "alibi", "learned", "none"),
     "norm_placement": ("pre", "post", "sandwich"),
     "remat_policy": ("auto", "none", "full", "save_dots"),
     "layer_grad_boundary": ("auto", "on", "off"),
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
     "attention_impl": ("auto", "splash", "cudnn", "blockwise", "reference"),
-    "router": ("switch", "gshard", "base"),
+    "router": ("switch", "gshard", "base", "demix"),
     "moe_dispatch": ("dropping", "dropless"),
     "dense_init": ("fan_in", "xavier_normal"),
 }
 # Choices per token each router makes: None = any experts_per_token (top-k).
-_ROUTER_CHOICES = {"switch": None, "gshard": 2, "base": 1}
+_ROUTER_CHOICES = {"switch": None, "gshard": 2, "base": 1, "demix": 1}
 
 
 @gin.configurable
@@ -58,6 +58,7 @@ class ModelConfig:
     norm_epsilon: float = 1e-6
     mlp_activation: str = "swiglu"
     use_bias: bool = False  # biases on the dense projections
+    # 'rope_2d': GLM's 2D rotary positions (attention.apply_rope_2d), half of each head each.
     position: str = "rope"
     rope_max_wavelength: float = 10_000.0
     max_seq_len: int = 2048  # longest sequence the positions support
@@ -68,8 +69,9 @@ class ModelConfig:
     z_loss_weight: float = 1e-4
     scan_layers: bool = True  # one compiled layer looped L times: compile time flat in depth
     # Layers per scan iteration. XLA's CPU backend runs a rolled loop well below the speed
-    # of straight-line code (see docs/benchmarks.md); unrolling keeps the stacked weights.
-    scan_unroll: int = 1
+    # of straight-line code (see docs/benchmarks.md); unrolling keeps the stacked weights,
+    # so checkpoints do not change. 'auto' resolves per platform (for_platform).
+    scan_unroll: int | str = "auto"
     # Queries per attention block: each block meets only the keys causality lets it see
     # (see attention.causal_attention); 0 = the whole sequence in one block.
     attention_query_block: int = 128
@@ -84,6 +86,9 @@ class ModelConfig:
     # only the last attention_windows[i % len] keys (themselves included); 0 = dense
     # causal. GPT-3 alternates (0, 256). A banded layer costs O(T x W), not O(T^2).
     attention_windows: tuple[int, ...] = (0,)
+    # A prefix LM: each document's prefix (the data's decoder_causal_attention: a prompt,
+    # GLM's part A) is attended bidirectionally, in training and at a prompt's prefill.
+    bidirectional_prefix: bool = False
     # Sequence positions per chunk of the output projection + cross-entropy: the
     # (batch, T, vocab) float32 logits never exist at once (0 = one chunk).
     loss_chunk: int = 512
@@ -104,7 +109,8 @@ class ModelConfig:
     # Mixture of experts (moe.py): every `moe_every`-th layer's MLP becomes `num_experts`
     # copies of it behind a router (0 = dense). Routers: 'switch' top-k (Switch: k = 1),
     # 'gshard' top-2 with the second expert dispatched at random in proportion to its gate,
-    # 'base' a balanced assignment in training (BASE layers), greedy top-1 at inference.
+    # 'base' a balanced assignment in training (BASE layers), greedy top-1 at inference,
+    # 'demix' one expert per data domain, chosen by the data (DEMix layers; demix.py).
     num_experts: int = 0
     experts_per_token: int = 1
     moe_every: int = 2  # layers i with (i + 1) % moe_every == 0 are sparse (GLaM: every other)
@@ -120,6 +126,9 @@ class ModelConfig:
     moe_group_size: int = 0  # tokens routed together (capacity is per group); 0 = one sequence
     load_balance_loss_weight: float = 0.01
     router_z_loss_weight: float = 0.001
+    # The experts' MLP where it differs from the dense layers' (GLaM: GeGLU dense layers,
+    # plain GELU experts); None = mlp_activation.
+    expert_mlp_activation: str | None = None
 
     def __post_init__(self):
         for field, allowed in _CHOICES.items():
@@ -142,6 +151,11 @@ class ModelConfig:
         if self.block == "parallel" and self.norm_placement != "pre":
             raise UserError("the parallel block is pre-norm only; set norm_placement = 'pre' "
                             "or block = 'serial'")
+        if self.scan_unroll != "auto" and (not isinstance(self.scan_unroll, int)
+                                           or isinstance(self.scan_unroll, bool)
+                                           or self.scan_unroll < 1):
+            raise UserError(f"ModelConfig.scan_unroll = {self.scan_unroll!r}; it must be 'auto' "
+                            "or a positive int (layers per scan iteration)")
         if not isinstance(self.attention_query_block, int) or self.attention_query_block < 0:
             raise UserError(f"ModelConfig.attention_query_block = {self.attention_query_block!r}; "
                             "it must be an int >= 0 (0 = no blocking)")
@@ -156,6 +170,9 @@ class ModelConfig:
                             "deepnorm_beta = 1.0 or num_experts = 0")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.position == "rope_2d" and self.head_dim % 4:
+            raise UserError(f"2D RoPE rotates two halves of each head: head_dim must be a "
+                            f"multiple of 4, got {self.head_dim}")
         if isinstance(self.attention_windows, list):  # gin spells [0, 256] as a list
             object.__setattr__(self, "attention_windows", tuple(self.attention_windows))
         windows = self.attention_windows
@@ -171,6 +188,10 @@ class ModelConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UserError(f"ModelConfig.{field} = {value!r}; it must be an int >= 0")
+        if self.expert_mlp_activation not in (None, *_CHOICES["mlp_activation"]):
+            raise UserError(f"ModelConfig.expert_mlp_activation = {self.expert_mlp_activation!r} "
+                            f"is not supported; choose None or one of "
+                            f"{list(_CHOICES['mlp_activation'])}")
         if self.num_experts == 0:
             return
         if self.num_experts == 1:
@@ -193,6 +214,12 @@ class ModelConfig:
         for field in ("capacity_factor", "eval_capacity_factor"):
             if not getattr(self, field) > 0:
                 raise UserError(f"ModelConfig.{field} = {getattr(self, field)!r}; it must be > 0")
+            # A row of one domain sends all its tokens to one expert (and mixing to all).
+            if (self.router == "demix" and self.moe_dispatch == "dropping"
+                    and getattr(self, field) < self.num_experts):
+                raise UserError(f"the demix router would drop tokens at ModelConfig.{field} = "
+                                f"{getattr(self, field)!r}; set it to num_experts = "
+                                f"{self.num_experts} or moe_dispatch = 'dropless'")
         if not 0 <= self.router_jitter < 1:
             raise UserError(f"ModelConfig.router_jitter = {self.router_jitter!r}; it must be in "
                             "[0, 1)")
@@ -222,6 +249,10 @@ class ModelConfig:
             changes["layer_grad_boundary"] = "on" if platform == "cpu" else "off"
         if self.remat_policy == "auto":
             changes["remat_policy"] = "save_dots" if platform == "cpu" else "none"
+        if self.scan_unroll == "auto":
+            # The whole stack as straight-line code on CPU (measured in docs/benchmarks.md);
+            # a rolled loop elsewhere, which keeps TPU and GPU compile times flat in depth.
+            changes["scan_unroll"] = self.num_layers if platform == "cpu" else 1
         if self.attention_impl == "auto":
             changes["attention_impl"] = {"tpu": "splash", "gpu": "cudnn",
                                          "cuda": "cudnn"}.get(platform, "blockwise")

@@ -11,6 +11,7 @@ expert and runs ragged matmuls. The losses and router statistics are sown into M
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -91,6 +92,13 @@ def capacity(cfg: ModelConfig, tokens_per_group: int, train: bool) -> int:
     return max(1, min(slots, tokens_per_group))
 
 
+def expert_mlp_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with the experts' MLP activation (expert_mlp_activation) as its mlp_activation."""
+    if cfg.expert_mlp_activation in (None, cfg.mlp_activation):
+        return cfg
+    return dataclasses.replace(cfg, mlp_activation=cfg.expert_mlp_activation)
+
+
 def _grouped_experts(cfg: ModelConfig, weights: Weights, x_gecd: jnp.ndarray) -> jnp.ndarray:
     """The family's MLP, expert e applied to x[:, e]: (G, E, C, D) -> (G, E, C, D)."""
     dt, d, f = cfg.compute_dtype, cfg.d_model, cfg.d_ff
@@ -101,7 +109,8 @@ def _grouped_experts(cfg: ModelConfig, weights: Weights, x_gecd: jnp.ndarray) ->
         return y if bias is None else y + bias.astype(dt)[None, :, None, :]
 
     h_gecf = hidden_units(
-        cfg, lambda name: project("gecd,edf->gecf", x_gecd, name, (d, f), ("embed", "mlp")))
+        expert_mlp_config(cfg),
+        lambda name: project("gecd,edf->gecf", x_gecd, name, (d, f), ("embed", "mlp")))
     h_gecf = nn.with_logical_constraint(h_gecf, _ACT_GECF)
     return project("gecf,efd->gecd", h_gecf, "wo", (f, d), ("mlp", "embed"))
 
@@ -118,7 +127,8 @@ def _ragged_experts(cfg: ModelConfig, weights: Weights, x_md: jnp.ndarray, exper
         y = jax.lax.ragged_dot(x, kernel.astype(dt), sizes_e)
         return y if bias is None else y + bias.astype(dt)[expert_m]
 
-    h_mf = hidden_units(cfg, lambda name: project(x_md, name, (d, f), ("embed", "mlp")))
+    h_mf = hidden_units(expert_mlp_config(cfg),
+                        lambda name: project(x_md, name, (d, f), ("embed", "mlp")))
     return project(h_mf, "wo", (f, d), ("mlp", "embed"))
 
 
@@ -179,6 +189,20 @@ def dispatch_dropless(cfg: ModelConfig, weights: Weights, x_gsd: jnp.ndarray, ro
 DISPATCH = {"dropping": dispatch_dropping, "dropless": dispatch_dropless}
 
 
+def domain_weights(num_experts: int, domains: jnp.ndarray | None,
+                   shape_bt: tuple[int, int]) -> tuple[jnp.ndarray, int]:
+    """(B, T, E) float32 weights over the domain experts and the choices per token they make.
+
+    `domains` is each token's domain id (B, T) (one expert each), or a (B, T, E) mixture
+    over the experts (demix.py's posterior); None mixes them uniformly (nothing is known).
+    """
+    if domains is None:
+        return jnp.full((*shape_bt, num_experts), 1 / num_experts, jnp.float32), num_experts
+    if domains.ndim == 2:
+        return jax.nn.one_hot(domains, num_experts, dtype=jnp.float32), 1
+    return domains.astype(jnp.float32), num_experts
+
+
 class MoeMlp(nn.Module):
     """x -> sum over the chosen experts of gate * MLP_e(x); tokens an expert has no room for get 0."""
 
@@ -186,7 +210,8 @@ class MoeMlp(nn.Module):
     train: bool = False
 
     @nn.compact
-    def __call__(self, x_btd: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x_btd: jnp.ndarray, domains: jnp.ndarray | None = None) -> jnp.ndarray:
+        """`domains`: the domain router's input (domain_weights), ignored by learned routers."""
         cfg = self.config
         b, t, d = x_btd.shape
         s = group_size(cfg, b, t)
@@ -195,21 +220,26 @@ class MoeMlp(nn.Module):
                             f"{b * t} tokens of a batch; pick a divisor of batch x sequence length")
         x_gsd = nn.with_logical_constraint(x_btd.reshape(b * t // s, s, d), _ACT_GSD)
         router = ROUTERS[cfg.router]
-        jitter = self.train and cfg.router_jitter > 0
+        k = cfg.experts_per_token
+        jitter = self.train and cfg.router_jitter > 0 and not router.by_domain
         rng = self.make_rng("moe") if self.train and (jitter or router.random) else None
         jitter_rng, route_rng = jax.random.split(rng) if rng is not None else (None, None)
 
-        x_router = x_gsd.astype(jnp.float32)
-        if jitter:  # Switch's multiplicative input jitter, a regulariser of the routing
-            j = cfg.router_jitter
-            x_router = x_router * jax.random.uniform(jitter_rng, x_router.shape, jnp.float32,
-                                                     1 - j, 1 + j)
-        # The router runs in float32 (Switch): its softmax decides discrete choices.
-        logits_gse = DenseGeneral(
-            "gsd,de->gse", (d, cfg.num_experts), ("embed", "router_expert"), (0,), jnp.float32,
-            False, cfg.parameter_dtype, name="router")(x_router)
+        if router.by_domain:  # DEMix: no learned router, the data's domains decide
+            weights_bte, k = domain_weights(cfg.num_experts, domains, (b, t))
+            logits_gse = weights_bte.reshape(b * t // s, s, cfg.num_experts)
+        else:
+            x_router = x_gsd.astype(jnp.float32)
+            if jitter:  # Switch's multiplicative input jitter, a regulariser of the routing
+                j = cfg.router_jitter
+                x_router = x_router * jax.random.uniform(jitter_rng, x_router.shape, jnp.float32,
+                                                         1 - j, 1 + j)
+            # The router runs in float32 (Switch): its softmax decides discrete choices.
+            logits_gse = DenseGeneral(
+                "gsd,de->gse", (d, cfg.num_experts), ("embed", "router_expert"), (0,),
+                jnp.float32, False, cfg.parameter_dtype, name="router")(x_router)
         logits_gse = nn.with_logical_constraint(logits_gse, _ACT_GSX)
-        routing = router.route(logits_gse, cfg.experts_per_token, self.train, route_rng)
+        routing = router.route(logits_gse, k, self.train, route_rng)
         routing = jax.tree.map(lambda a: nn.with_logical_constraint(a, _ACT_GSX)
                                if a.ndim == 3 else a, routing)
 

@@ -1,4 +1,4 @@
-"""Mixture-of-experts routers (Switch, GShard, BASE): each token's experts and gates, and the auxiliary losses.
+"""Mixture-of-experts routers (Switch, GShard, BASE, DEMix): each token's experts and gates, and the auxiliary losses.
 
 A router sees float32 logits (G groups, S tokens, E experts) and returns a Routing: K
 choices per token, first choice first. What happens to tokens an expert has no room for is
@@ -115,15 +115,31 @@ def base_route(logits_gse: jnp.ndarray, k: int, train: bool, rng: jax.Array | No
                    jax.nn.softmax(logits_gse, axis=-1), zero, zero)
 
 
+def demix_route(weights_gse: jnp.ndarray, k: int, train: bool, rng: jax.Array | None) -> Routing:
+    """DEMix: the experts of the k largest domain weights, gated by them; no auxiliary loss.
+
+    The weights are not logits: a one-hot of each token's domain with k = 1 (training,
+    or a known domain: the domain's expert, gate 1), or a posterior over the domains
+    with k = E (demix.py's inference-time mixture: every expert, gated by its posterior).
+    """
+    del train, rng
+    gate_gsk, expert_gsk = top_k(weights_gse, k)
+    zero = jnp.zeros((), jnp.float32)
+    return Routing(expert_gsk, gate_gsk, jnp.ones(gate_gsk.shape, bool), weights_gse, zero, zero)
+
+
 class Router(NamedTuple):
-    """A routing function and whether it draws random numbers in training."""
+    """A routing function, whether it draws random numbers in training, and whether it routes
+    by each token's data domain (given with the input) instead of learned router logits."""
 
     route: Callable[[jnp.ndarray, int, bool, jax.Array | None], Routing]
     random: bool
+    by_domain: bool = False
 
 
 ROUTERS: dict[str, Router] = {
     "switch": Router(switch_route, random=False),
     "gshard": Router(gshard_route, random=True),
     "base": Router(base_route, random=False),
+    "demix": Router(demix_route, random=False, by_domain=True),
 }

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from paxlike.model.attention import TokenLayout
 from paxlike.model.block import Block, LayerGroup
 from paxlike.model.config import ModelConfig
 from paxlike.model.embeddings import Embed
@@ -49,6 +50,8 @@ class Transformer(nn.Module):
     def __call__(
         self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray,
         return_hidden: bool = False, train: bool = False, kv_cache: KVCache | None = None,
+        prefix_bt: jnp.ndarray | None = None, positions_2d_bt2: jnp.ndarray | None = None,
+        domain_ids_bt: jnp.ndarray | None = None,
     ) -> jnp.ndarray | tuple[jnp.ndarray, KVCache]:
         """Logits over the real vocabulary; with `return_hidden`, the normed states the head reads.
 
@@ -56,6 +59,10 @@ class Transformer(nn.Module):
         so the (B, T, V) logits are never materialised. `train` only changes mixture-of-experts
         routing (it then needs a "moe" rng); MoE layers sow their losses into MOE_AUX.
         Decoding passes the (layers, B, S, K, H) `kv_cache` and gets (output, updated cache).
+        `prefix_bt` (nonzero on each document's bidirectional prefix) and `positions_2d_bt2`
+        (position = 'rope_2d': GLM's position and block position) are optional inputs.
+        `domain_ids_bt` routes a 'demix' model's MoE layers: each token's domain (B, T), or
+        (B, T, E) mixture weights over the domain experts (demix.py); ignored by other routers.
         """
         cfg = self.config
         embed = Embed(cfg, cfg.padded_vocab_size, cfg.embed_init_std, name="token_embed")
@@ -67,6 +74,9 @@ class Transformer(nn.Module):
         if cfg.embedding_norm:
             x_btd = Norm(cfg, name="embedding_norm")(x_btd)
 
+        layout = None
+        if prefix_bt is not None or positions_2d_bt2 is not None:
+            layout = TokenLayout(prefix_bt, positions_2d_bt2)
         block = Block
         # 'auto' is resolved per platform by the train program; unresolved (parameter
         # counts, inference) nothing is differentiated, so it means no remat.
@@ -93,13 +103,23 @@ class Transformer(nn.Module):
                 if not cache_xs:
                     cache_xs, in_axes = (None,), in_axes + (nn.broadcast,)
                 cache_xs, in_axes = cache_xs + (jnp.arange(length, dtype=jnp.int32),), in_axes + (0,)
+            if layout is not None:
+                # The layout comes after the cache and layer-index slots; None fills them.
+                while len(cache_xs) < 2:
+                    cache_xs, in_axes = cache_xs + (None,), in_axes + (nn.broadcast,)
+                cache_xs, in_axes = cache_xs + (layout,), in_axes + (nn.broadcast,)
+            if domain_ids_bt is not None:  # after the layout slot, None-filled likewise
+                while len(cache_xs) < 3:
+                    cache_xs, in_axes = cache_xs + (None,), in_axes + (nn.broadcast,)
+                cache_xs, in_axes = cache_xs + (domain_ids_bt,), in_axes + (nn.broadcast,)
             stack = nn.scan(
                 unit,
                 variable_axes={"params": 0, MOE_AUX: 0},
                 split_rngs={"params": True, "moe": True},
                 in_axes=in_axes,
                 length=length,
-                unroll=cfg.scan_unroll,
+                # Unresolved 'auto' (counting, inference) rolls the loop.
+                unroll=1 if cfg.scan_unroll == "auto" else min(cfg.scan_unroll, length),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(*args, name="layers")
             x_btd, kv_cache = stack(x_btd, positions_bt, segment_ids_bt, *cache_xs)
@@ -108,9 +128,9 @@ class Transformer(nn.Module):
         else:
             caches = []
             for i in range(cfg.num_layers):
-                layer_cache = () if kv_cache is None else (kv_cache.layer(i),)
+                layer_cache = None if kv_cache is None else kv_cache.layer(i)
                 x_btd, cache = block(cfg, train, i in cfg.moe_layers, i, name=f"layers_{i}")(
-                    x_btd, positions_bt, segment_ids_bt, *layer_cache)
+                    x_btd, positions_bt, segment_ids_bt, layer_cache, None, layout, domain_ids_bt)
                 caches.append(cache)
             kv_cache = None if kv_cache is None else stack_layers(caches)
 

@@ -17,7 +17,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from paxlike.data.stream import FEATURES, DataConfig, vocab_size
+from paxlike.data.glm_features import objective_inputs
+from paxlike.data.stream import DOMAIN_FEATURE, DataConfig, domain_names, features, vocab_size
 from paxlike.errors import UserError
 from paxlike.model import moe_aux, param_tree
 from paxlike.model.config import ModelConfig
@@ -93,6 +94,21 @@ def check_runnable(config: TrainConfig, mesh: Mesh) -> None:
         raise UserError(
             f"ModelConfig.vocab_size = {config.model.vocab_size} is smaller than the data's "
             f"vocabulary ({data_vocab}); set it to at least {data_vocab}")
+    _check_domains(config)
+
+
+def _check_domains(config: TrainConfig) -> None:
+    """A domain-routed (demix) model needs the data's domains, one per expert."""
+    if config.model.router != "demix" or not config.model.num_experts:
+        return
+    if not config.data.domain_ids:
+        raise UserError("the demix router routes each token by its data domain; set "
+                        "DataConfig.domain_ids = True")
+    domains = domain_names(config.data)
+    if len(domains) != config.model.num_experts:
+        raise UserError(f"the demix router has one expert per domain, but ModelConfig.num_experts"
+                        f" = {config.model.num_experts} for the {len(domains)} domains "
+                        f"{list(domains)}; set num_experts = {len(domains)}")
 
 
 def _opt_state_shardings(abstract_opt_state, param_shardings, abstract_params, mesh):
@@ -163,7 +179,7 @@ class TrainProgram:
         self.batch_sharding = sharding.batch_sharding(mesh, rules)
         self.abstract_batch = {
             k: jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=self.batch_sharding)
-            for k in FEATURES}
+            for k in features(config.data)}
         # The key is made inside the trace: nothing runs, even on a described (absent) TPU mesh.
         boxed = jax.eval_shape(lambda: self._init_boxed_params(jax.random.key(0)))
         self.abstract_params = sharding.strip_boxes(boxed)
@@ -214,7 +230,9 @@ class TrainProgram:
         x_btd, variables = self.model.apply(
             {"params": params}, batch["decoder_input_tokens"], batch["decoder_positions"],
             batch["decoder_segment_ids"], return_hidden=True, train=train,
-            rngs={"moe": rng} if train else None, mutable=[moe_aux.MOE_AUX])
+            rngs={"moe": rng} if train else None, mutable=[moe_aux.MOE_AUX],
+            domain_ids_bt=batch.get(DOMAIN_FEATURE),
+            **objective_inputs(self.model_config, batch))
         ce, z, weight = lm_head_loss(
             self.model_config, x_btd, head_weights(self.model_config, params),
             batch["decoder_target_tokens"], batch["decoder_loss_weights"])
