@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--eos_id", type=int, help="stop token (default: the vocabulary's EOS)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the draws (0)")
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    generate.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                          help="decode on a device mesh, rows over data and heads over tensor, "
+                               "e.g. data=2,tensor=4 (default: one device)")
 
     from paxlike.parallel import layouts
 
@@ -295,7 +298,7 @@ def _generate(args: argparse.Namespace, overrides: dict[str, str]) -> None:
         raise UserError("generate takes no --gin.NAME=VALUE overrides")
     # The prompts are read before the (possibly large) model is.
     prompts = generation.cli_prompts(args.prompt, args.prompt_file, args.prompt_ids)
-    model = load_model(os.path.expanduser(args.model_dir))
+    model = load_model(os.path.expanduser(args.model_dir), mesh=args.mesh)
     result = model.generate(
         prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples, seed=args.seed,

@@ -18,7 +18,7 @@ from scipy import stats
 
 from paxlike import gin_config
 from paxlike.errors import UserError
-from paxlike.inference import beam_search, decode, generation, sampling
+from paxlike.inference import beam_search, decode, generation, sampling, vocabulary
 from paxlike.inference.load import LanguageModel, load_model
 from paxlike.model import kv_cache
 from paxlike.model.config import ModelConfig
@@ -270,7 +270,7 @@ def test_eos_stops_a_row_which_then_emits_pad():
 def test_bad_arguments_are_user_errors(kwargs, message):
     cfg = _family_config("tiny_gpt3", max_seq_len=64)
     model = random_language_model(cfg)
-    model.vocabulary = generation.ByteVocabulary()
+    model.vocabulary = vocabulary.ByteVocabulary()
     kwargs = {"prompts": [[0, 5]], **kwargs}
     with pytest.raises(UserError, match=message):
         model.generate(kwargs.pop("prompts"), **kwargs)
@@ -330,6 +330,6 @@ def test_converted_model_refuses_text(trained_dir, tmp_path):
                       + config.read_text())
     model = load_model(str(converted))
     assert model.vocabulary is None
-    with pytest.raises(UserError, match="no known vocabulary"):
+    with pytest.raises(UserError, match="has no vocabulary"):
         model.generate("hello")
     assert model.generate([[0, 72]], max_new_tokens=2).texts is None

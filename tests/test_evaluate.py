@@ -35,17 +35,18 @@ DOCS_A = ["a" * 63 + "é" + " and the rest of a long document, " * 5,
 DOCS_B = ["import os\nprint(os.sep)\n", "x" * 130]
 
 
-def _register(name, docs):
+def _register(name, docs, splits=("validation",)):
     if name not in seqio.TaskRegistry.names():
         seqio.TaskRegistry.add(
             name, source=seqio.FunctionDataSource(
                 lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
-                    {"text": docs}), splits=("validation",)),
+                    {"text": docs}), splits=splits),
             preprocessors=seqio.get_mixture_or_task("pydoc_topics").preprocessors,
             output_features=default_mixture.OUTPUT_FEATURES)
 
 
 _register("eval_docs_a", DOCS_A)
+_register("eval_docs_train", DOCS_A + DOCS_B, splits=("train", "validation"))
 _register("eval_docs_b", DOCS_B)
 if "eval_docs_mix" not in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.add("eval_docs_mix", [("eval_docs_a", 1.0), ("eval_docs_b", 3.0)])
@@ -294,3 +295,44 @@ def test_cli_multiple_choice_json_equals_the_python_api(tiny_model_dir, tiny_mod
     record = json.loads(out.stdout.strip().splitlines()[-1])
     expected = multiple_choice.evaluate_multiple_choice(tiny_model, FIXTURE, shots=1, seed=3)
     assert record == expected.to_json()
+
+
+# --- extra evaluation tasks during training -------------------------------------------------
+
+def test_training_evaluates_the_gin_listed_tasks_each_under_its_prefix(tmp_path, tiny):
+    from paxlike.train.trainer import train
+
+    # Training on a small task keeps its own whole-split evaluation short.
+    config = tiny(TRAIN_STEPS=1, LOG_EVERY=1, EVAL_EVERY=1, EVAL_STEPS=None, CHECKPOINT_EVERY=1,
+                  MIXTURE_OR_TASK_NAME="eval_docs_train",
+                  **{"EvalTasks.names": "['eval_docs_a', 'eval_docs_mix']"})
+    train(config, str(tmp_path), show_progress=False)
+    with open(tmp_path / "metrics.jsonl") as f:
+        record = [json.loads(line) for line in f][-1]
+    # The checkpoint of the evaluated step, scored by `paxlike eval`'s own code path.
+    model = load_model(str(tmp_path))
+    for name in ("eval_docs_a", "eval_docs_mix"):
+        want = evaluate.evaluate_perplexity(model, name, batch_size=8, seq_len=64)
+        assert record[f"eval/{name}/tokens"] == want.tokens
+        assert record[f"eval/{name}/loss"] == pytest.approx(want.loss, rel=1e-5)
+        assert record[f"eval/{name}/bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-5)
+    assert "eval_loss" in record  # the training mixture's own evaluation is still there
+    tags = set()
+    for path in tf.io.gfile.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags |= {value.tag for value in event.summary.value}
+    assert {"eval/eval_docs_a/loss", "eval/eval_docs_mix/bits_per_byte"} <= tags
+
+
+@pytest.mark.parametrize("names,message", [
+    ("['no_such_task']", "not a registered seqio Task"),
+    ("['eval_docs_a', 'eval_docs_a']", "lists a task twice"),
+])
+def test_bad_eval_task_lists_are_refused_before_anything_is_written(tmp_path, tiny, names,
+                                                                    message):
+    from paxlike.train.trainer import train
+
+    config = tiny(TRAIN_STEPS=2, EVAL_EVERY=2, **{"EvalTasks.names": names})
+    with pytest.raises(UserError, match=message):
+        train(config, str(tmp_path / "run"), show_progress=False)
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")

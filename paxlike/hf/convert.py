@@ -119,6 +119,10 @@ def from_hf(hf_dir: str, model_dir: str, family_name: str | None = None,
               "--gin_file runs/pretrain.gin \\",
               f"    --gin.INIT_FROM={out} --model_dir RUN_DIR"]
     checkpoint_io.write_streamed_model_dir(model_dir, cfg, params, header)
+    from paxlike.inference.vocabulary import copy_tokenizer_files
+
+    # Generation and evaluation read text through the checkpoint's own tokenizer.
+    copy_tokenizer_files(hf_dir, model_dir)
     return cfg
 
 
@@ -155,7 +159,8 @@ def to_hf(model_dir: str, hf_dir: str, family_name: str | None = None,
 def add_convert_command(commands: Any) -> None:
     """Adds `convert from-hf` and `convert to-hf` to the paxlike command's subparsers."""
     convert = commands.add_parser(
-        "convert", help="convert checkpoints from / to Hugging Face format (gpt2, llama, bloom)",
+        "convert",
+        help="convert checkpoints from / to Hugging Face format (gpt2, llama, bloom, mixtral)",
         description="Convert between Hugging Face checkpoints (config.json + *.safetensors) and "
                     "paxlike model directories (config.gin + an Orbax checkpoint).")
     directions = convert.add_subparsers(dest="direction", metavar="DIRECTION", required=True)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from paxlike.inference import sampling
 from paxlike.model.config import ModelConfig
-from paxlike.model.kv_cache import KVCache, init_cache
+from paxlike.model.kv_cache import CACHE_AXES_BSKH, KVCache, init_cache
 from paxlike.model.transformer import Transformer, head_weights, project_logits
+from paxlike.parallel.sharding import BATCH_AXES
 
 PAD_ID = 0  # what a row emits once it has emitted EOS (seqio's pad id)
 MIN_PROMPT_BUCKET = 16  # shorter prompts share one prefill program
@@ -37,10 +40,33 @@ def _head(cfg: ModelConfig, params: Any, hidden_btd: jnp.ndarray) -> jnp.ndarray
     return logits_btv[..., : cfg.vocab_size].astype(jnp.float32)
 
 
+def _placed(cache: KVCache) -> KVCache:
+    """The stacked cache laid out by the logical rules in force (on a mesh: rows and kv heads split)."""
+    return cache.map(lambda a: nn.with_logical_constraint(a, (None,) + CACHE_AXES_BSKH))
+
+
+def row_divisor() -> int:
+    """How many ways the mesh in force splits decoding rows (1 without a mesh): batches are padded to it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
 def prefill(cfg: ModelConfig, params: Any, tokens_bp: jnp.ndarray, lengths_b: jnp.ndarray,
-            cache_length: int) -> tuple[jnp.ndarray, KVCache]:
-    """Right-padded prompts into a fresh cache of `cache_length` slots; logits after each row's last prompt token."""
+            cache_length: int, prefix_lengths_b: jnp.ndarray | None = None,
+            positions_2d_bp2: jnp.ndarray | None = None) -> tuple[jnp.ndarray, KVCache]:
+    """Right-padded prompts into a fresh cache of `cache_length` slots; logits after each row's last prompt token.
+
+    A prefix LM (cfg.bidirectional_prefix) reads the first `prefix_lengths_b` tokens of each
+    prompt (default: all of it) bidirectionally, as it was trained; `positions_2d_bp2` are
+    a 'rope_2d' model's 2D positions of the prompt tokens.
+    """
     b, p = tokens_bp.shape
+    prefix_bp = None
+    if cfg.bidirectional_prefix:
+        n_b = lengths_b if prefix_lengths_b is None else prefix_lengths_b
+        prefix_bp = (jnp.arange(p)[None, :] < n_b[:, None]).astype(jnp.int32)
     positions_bp = jnp.broadcast_to(jnp.arange(p), (b, p))
     if cfg.position == "learned":
         # Padding beyond the table would read outside it; its outputs are never used and
@@ -48,18 +74,21 @@ def prefill(cfg: ModelConfig, params: Any, tokens_bp: jnp.ndarray, lengths_b: jn
         positions_bp = jnp.minimum(positions_bp, cfg.max_seq_len - 1)
     hidden_bpd, cache = Transformer(cfg).apply(
         {"params": params}, tokens_bp, positions_bp, jnp.ones_like(tokens_bp), return_hidden=True,
-        kv_cache=init_cache(cfg, b, cache_length))
+        kv_cache=_placed(init_cache(cfg, b, cache_length)), prefix_bt=prefix_bp,
+        positions_2d_bt2=positions_2d_bp2)
     last_bd = jnp.take_along_axis(hidden_bpd, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
-    return _head(cfg, params, last_bd[:, None])[:, 0], cache
+    return _head(cfg, params, last_bd[:, None])[:, 0], _placed(cache)
 
 
 def extend(cfg: ModelConfig, params: Any, tokens_b: jnp.ndarray, positions_b: jnp.ndarray,
-           cache: KVCache) -> tuple[jnp.ndarray, KVCache]:
+           cache: KVCache, positions_2d_b2: jnp.ndarray | None = None
+           ) -> tuple[jnp.ndarray, KVCache]:
     """One token per row at `positions_b` through the cache; the logits of the next token."""
     hidden_b1d, cache = Transformer(cfg).apply(
         {"params": params}, tokens_b[:, None], positions_b[:, None],
-        jnp.ones_like(tokens_b)[:, None], return_hidden=True, kv_cache=cache)
-    return _head(cfg, params, hidden_b1d)[:, 0], cache
+        jnp.ones_like(tokens_b)[:, None], return_hidden=True, kv_cache=cache,
+        positions_2d_bt2=None if positions_2d_b2 is None else positions_2d_b2[:, None])
+    return _head(cfg, params, hidden_b1d)[:, 0], _placed(cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +102,14 @@ class PromptBatch:
 
     @classmethod
     def of(cls, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> "PromptBatch":
-        """Non-empty prompts of token ids, with room in the cache for `max_new_tokens` each."""
+        """Non-empty prompts of token ids, with room in the cache for `max_new_tokens` each.
+
+        Under a mesh the rows are a multiple of the ways it splits them.
+        """
         lengths = [len(p) for p in prompts]
-        rows, width = bucket(len(prompts)), bucket(max(lengths), MIN_PROMPT_BUCKET)
+        divisor = row_divisor()
+        rows = -(-bucket(len(prompts)) // divisor) * divisor
+        width = bucket(max(lengths), MIN_PROMPT_BUCKET)
         tokens_bp = np.full((rows, width), PAD_ID, np.int32)
         lengths_b = np.ones(rows, np.int32)
         for b, prompt in enumerate(prompts):

@@ -94,7 +94,7 @@ def find_task(name: str, split: str, tasks_module: str = "paxlike.tasks") -> seq
     return provider
 
 
-class _DocumentBytes:
+class DocumentBytes:
     """Counts documents and the UTF-8 bytes of scored target tokens fed in stream order.
 
     Long documents arrive as consecutive pieces (one Task, unshuffled, packed in order),
@@ -145,7 +145,7 @@ def _evaluate_task(scorer: Scorer, task: seqio.Task, split: str, seq_len: int, b
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read the {split!r} split of {task.name!r}: {first_line}") from None
     result = PerplexityResult(task.name, split)
-    counter = _DocumentBytes(feature.vocabulary, use_eos=feature.add_eos)
+    counter = DocumentBytes(feature.vocabulary, use_eos=feature.add_eos)
     for count, batch in enumerate(dataset.batch(batch_size).as_numpy_iterator(), start=1):
         rows = len(batch["decoder_target_tokens"])
         # The last batch is filled with empty rows (segment id 0, weight 0): one compiled shape.

@@ -3,57 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from paxlike import model_dir as model_dir_lib
 from paxlike import storage
 from paxlike.errors import UserError
 from paxlike.inference import beam_search, decode
 from paxlike.inference.sampling import Sampler
+from paxlike.inference.vocabulary import Vocabulary
 from paxlike.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from paxlike.inference.load import LanguageModel
-
-# seqio's LM feature converter feeds 0 before a document's first token; text prompts start so too.
-DECODER_START_ID = 0
-# config.gin of a converted checkpoint opens with this; its tokenizer stayed behind.
-_CONVERTED = "converted from the Hugging Face checkpoint"
-
-
-class ByteVocabulary:
-    """The default mixture's seqio.ByteVocabulary (UTF-8 bytes + 3), imported on first use: TensorFlow starts slowly."""
-
-    size = 259  # pad 0, EOS 1, unk 2, then the 256 byte values
-    eos_id = 1
-
-    @functools.cached_property
-    def _vocabulary(self):
-        import seqio
-
-        return seqio.ByteVocabulary()
-
-    def encode(self, text: str) -> list[int]:
-        """The ids of the UTF-8 bytes of `text`."""
-        return list(self._vocabulary.encode(text))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ids up to the first EOS; ids that are no byte are dropped."""
-        return self._vocabulary.decode(list(ids))
-
-
-def text_vocabulary(model_dir: str, cfg: ModelConfig) -> ByteVocabulary | None:
-    """How text becomes ids for this directory: bytes when its vocabulary holds them, None for a converted checkpoint."""
-    # A model-directory vocabulary file would name it; until one exists, paxlike's own runs
-    # are taken to use the bytes of the default mixture.
-    header = storage.read_text(storage.join(model_dir, model_dir_lib.CONFIG_FILE))[:500]
-    if _CONVERTED in header or cfg.vocab_size < ByteVocabulary.size:
-        return None
-    return ByteVocabulary()
-
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
@@ -115,9 +77,9 @@ def cli_prompts(texts: list[str] | None, text_file: str | None, id_lists: list[s
     return list(texts or [])
 
 
-def prompt_ids(prompts: Any, cfg: ModelConfig, vocabulary: ByteVocabulary | None
+def prompt_ids(prompts: Any, cfg: ModelConfig, vocabulary: Vocabulary | None
                ) -> list[list[int]]:
-    """Token ids of each prompt: a text, texts (start id + bytes), an id list or id lists."""
+    """Token ids of each prompt: a text, texts (encoded by the vocabulary), an id list or id lists."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, np.ndarray):
@@ -127,11 +89,12 @@ def prompt_ids(prompts: Any, cfg: ModelConfig, vocabulary: ByteVocabulary | None
         raise UserError("no prompt given; pass a text or a list of token ids")
     if all(isinstance(p, str) for p in prompts):
         if vocabulary is None:
-            raise UserError("this model directory has no known vocabulary (a converted checkpoint "
-                            "keeps its tokenizer elsewhere); pass token ids (--prompt_ids)")
+            raise UserError("this model directory has no vocabulary (no tokenizer.json); pass "
+                            "token ids (--prompt_ids) or convert the checkpoint again with its "
+                            "tokenizer files")
         if any(not p for p in prompts):
             raise UserError("a prompt is empty; give at least one character")
-        return [[DECODER_START_ID] + vocabulary.encode(p) for p in prompts]
+        return [vocabulary.prompt(p) for p in prompts]
     if all(isinstance(p, (int, np.integer)) for p in prompts):
         prompts = [prompts]
     ids = []
@@ -194,11 +157,28 @@ def generate(model: "LanguageModel", prompts: Any, max_new_tokens: int = 32,
     ids = prompt_ids(prompts, cfg, vocabulary)
     sampler = Sampler(temperature, top_k, top_p)
     _check(cfg, ids, max_new_tokens, num_samples, num_beams, sampler, length_penalty)
+    if cfg.position == "rope_2d":
+        # GLM: prompts holding a [MASK] / [gMASK] get the span that fills it (one sample each).
+        from paxlike.inference import blank_filling
+
+        glm_ids = blank_filling.glm_prompt_ids(prompts, ids, vocabulary)
+        if all(any(t in blank_filling.MASK_IDS for t in p) for p in glm_ids):
+            return blank_filling.generate_fills(model, glm_ids, max_new_tokens, sampler, seed)
     if eos_id is None and vocabulary is not None:
         eos_id = vocabulary.eos_id
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise UserError(f"eos_id = {eos_id} lies outside the model's vocabulary [0, "
                         f"{cfg.vocab_size})")
+    with model.context():
+        return _decode(model, ids, max_new_tokens, sampler, num_samples, seed, num_beams,
+                       length_penalty, eos_id)
+
+
+def _decode(model: "LanguageModel", ids: list[list[int]], max_new_tokens: int, sampler: Sampler,
+            num_samples: int, seed: int, num_beams: int, length_penalty: float,
+            eos_id: int | None) -> Generation:
+    """The continuations of checked prompt ids, on the model's devices."""
+    cfg, vocabulary = model.config, model.vocabulary
     scores = None
     if num_beams > 1:
         result = beam_search.beam_search(cfg, model.params, ids, num_beams, max_new_tokens, eos_id,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import numpy as np
@@ -14,17 +15,25 @@ from paxlike.model.param_count import abstract_params
 from paxlike.model.transformer import Transformer
 
 if TYPE_CHECKING:
-    from paxlike.inference.generation import ByteVocabulary, Generation
+    from paxlike.inference.generation import Generation
+    from paxlike.inference.placement import Placement
+    from paxlike.inference.vocabulary import Vocabulary
 
 
 class LanguageModel:
-    """A model with its parameters on one device; `logits` runs the forward pass, `generate` decodes."""
+    """A model with its parameters on one device or a mesh; `logits` runs the forward pass, `generate` decodes."""
 
-    def __init__(self, config: ModelConfig, params: Any, vocabulary: "ByteVocabulary | None" = None):
+    def __init__(self, config: ModelConfig, params: Any, vocabulary: "Vocabulary | None" = None,
+                 placement: "Placement | None" = None):
         self.config = config
         self.params = params
         self.vocabulary = vocabulary  # how text becomes token ids; None: token ids only
+        self.placement = placement  # None: one device
         self._apply = jax.jit(Transformer(config).apply)
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """The mesh and sharding rules decoding runs under (nothing on one device)."""
+        return contextlib.nullcontext() if self.placement is None else self.placement.context()
 
     def generate(self, prompts: Any, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
@@ -62,14 +71,25 @@ class LanguageModel:
         return np.asarray(logits_btv, np.float32)
 
 
-def load_model(model_dir: str | os.PathLike) -> LanguageModel:
-    """The model in a paxlike model directory (a local path or gs://BUCKET/PATH), newest checkpoint."""
+def load_model(model_dir: str | os.PathLike,
+               mesh: str | Mapping[str, int] | None = None) -> LanguageModel:
+    """The model in a paxlike model directory (a local path or gs://BUCKET/PATH), newest checkpoint.
+
+    `mesh` (e.g. "data=2,tensor=4") places it on a device mesh: decoding splits its rows over
+    `data` and attention heads (and the KV cache's) over `tensor`; None: one device.
+    """
+    from paxlike.inference.placement import Placement
+    from paxlike.inference.vocabulary import text_vocabulary
+
     model_dir = os.fspath(model_dir)
     config = model_dir_lib.read_model_config(model_dir)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            abstract_params(config))
-    from paxlike.inference.generation import text_vocabulary
-
-    return LanguageModel(config, model_dir_lib.load_params(model_dir, abstract),
-                         text_vocabulary(model_dir, config))
+    placement = None if mesh is None else Placement.of(config, mesh)
+    if placement is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                abstract_params(config))
+    else:
+        abstract = placement.abstract_params(config)
+    vocabulary = text_vocabulary(model_dir, config)  # checked before the parameters are read
+    return LanguageModel(config, model_dir_lib.load_params(model_dir, abstract), vocabulary,
+                         placement)

@@ -138,10 +138,13 @@ def score_items(model: LanguageModel, items: Sequence[Item], *, shots: int = 0, 
                 seq_len: int | None = None) -> list[dict[str, np.ndarray]]:
     """The four scores of every choice of every item; all choices are scored in one batched pass.
 
-    Text is encoded with `vocabulary` (default: the byte vocabulary of the default data).
+    Text is encoded with `vocabulary` (default: the model directory's own, else the byte
+    vocabulary of the default data).
     """
     cfg = model.config
-    vocabulary = vocabulary or seqio.ByteVocabulary()
+    vocabulary = vocabulary or model.vocabulary or seqio.ByteVocabulary()
+    # What precedes a document: the decoder start id (seqio), or e.g. a tokenizer's BOS.
+    start = tuple(getattr(vocabulary, "prefix_ids", [DECODER_START_ID]))
     if vocabulary.vocab_size > cfg.vocab_size:
         raise UserError(f"the vocabulary has {vocabulary.vocab_size} ids but the model only "
                         f"{cfg.vocab_size}")
@@ -169,7 +172,7 @@ def score_items(model: LanguageModel, items: Sequence[Item], *, shots: int = 0, 
         continuation_ids = tuple(vocabulary.encode(continuation))
         if not continuation_ids:
             raise UserError(f"the continuation {continuation!r} encodes to no tokens")
-        token_requests.append(((DECODER_START_ID, *vocabulary.encode(context)), continuation_ids))
+        token_requests.append(((*start, *vocabulary.encode(context)), continuation_ids))
     if seq_len is None:
         longest = max(len(c) + len(x) - 1 for c, x in token_requests)
         seq_len = min(-(-longest // ROW_MULTIPLE) * ROW_MULTIPLE, cfg.max_seq_len)

@@ -31,7 +31,9 @@ class Scorer:
             log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
             target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
             # Positions outside every segment (row padding) score nothing, whatever their logits.
-            return jnp.where(segment_ids_bt > 0, target_logit_bt - log_z_bt, 0.0)
+            logp_bt = jnp.where(segment_ids_bt > 0, target_logit_bt - log_z_bt, 0.0)
+            # Greedy: no token outscores the target (argmax would take the first of a tie).
+            return logp_bt, target_logit_bt >= logits_btv.max(axis=-1)
 
         self._target_logprobs = jax.jit(target_logprobs)
 
@@ -42,14 +44,20 @@ class Scorer:
     def rows(self, inputs_bt: np.ndarray, targets_bt: np.ndarray, positions_bt: np.ndarray,
              segment_ids_bt: np.ndarray) -> np.ndarray:
         """(batch, seq) float64 log P(targets_bt) given the packed rows' inputs; 0 at segment id 0."""
+        return self.rows_and_greedy(inputs_bt, targets_bt, positions_bt, segment_ids_bt)[0]
+
+    def rows_and_greedy(self, inputs_bt: np.ndarray, targets_bt: np.ndarray,
+                        positions_bt: np.ndarray, segment_ids_bt: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """`rows`, and (batch, seq) bools: whether each target is a most probable next token."""
         vocab = self.model.config.vocab_size
         for name, ids in (("inputs", inputs_bt), ("targets", targets_bt)):
             if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise ValueError(f"{name} token ids must lie in [0, {vocab}) (the model's vocabulary)")
-        logp_bt = self._target_logprobs(
+        logp_bt, greedy_bt = self._target_logprobs(
             self.model.params, *(np.asarray(a, np.int32) for a in
                                  (inputs_bt, targets_bt, positions_bt, segment_ids_bt)))
-        return np.asarray(logp_bt, np.float64)
+        return np.asarray(logp_bt, np.float64), np.asarray(greedy_bt)
 
     def packed(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """log P(target) at each position of a batch of seqio's packed LM features; 0 at zero weight."""
@@ -76,6 +84,15 @@ def continuation_logprobs(scorer: Scorer, requests: Sequence[tuple[Sequence[int]
                           seq_len: int, batch_size: int) -> np.ndarray:
     """log P(continuation | context) of each (context, continuation) pair of token ids, in nats.
 
+    See `continuation_scores`, which also says whether greedy decoding gives each continuation.
+    """
+    return continuation_scores(scorer, requests, seq_len, batch_size)[0]
+
+
+def continuation_scores(scorer: Scorer, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                        seq_len: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log P(continuation | context) in nats, whether every continuation token is the argmax) per request.
+
     Requests are packed into rows of `seq_len` positions (each its own segment, so they do
     not see each other) and run `batch_size` rows at a time: one compiled shape. A request
     longer than a row loses the oldest tokens of its context.
@@ -84,7 +101,7 @@ def continuation_logprobs(scorer: Scorer, requests: Sequence[tuple[Sequence[int]
     if seq_len > max_seq_len:
         raise ValueError(f"rows of {seq_len} tokens exceed the model's max_seq_len = {max_seq_len}")
     if not requests:
-        return np.zeros(0, np.float64)
+        return np.zeros(0, np.float64), np.zeros(0, bool)
     fitted = [_fit(context, continuation, seq_len) for context, continuation in requests]
     truncated = sum(cut for _, cut in fitted)
     if truncated:
@@ -100,6 +117,7 @@ def continuation_logprobs(scorer: Scorer, requests: Sequence[tuple[Sequence[int]
         rows[-1].append((index, tokens))
         used += len(tokens) - 1
     out = np.zeros(len(requests), np.float64)
+    greedy = np.zeros(len(requests), bool)
     for start in range(0, len(rows), batch_size):
         arrays = {name: np.zeros((batch_size, seq_len), np.int32)
                   for name in ("inputs", "targets", "positions", "segment_ids")}
@@ -115,8 +133,9 @@ def continuation_logprobs(scorer: Scorer, requests: Sequence[tuple[Sequence[int]
                 arrays["segment_ids"][r, window] = segment
                 spans.append((index, r, offset + n - len(requests[index][1]), offset + n))
                 offset += n
-        logp_bt = scorer.rows(arrays["inputs"], arrays["targets"], arrays["positions"],
-                              arrays["segment_ids"])
+        logp_bt, greedy_bt = scorer.rows_and_greedy(arrays["inputs"], arrays["targets"],
+                                                    arrays["positions"], arrays["segment_ids"])
         for index, r, lo, hi in spans:
             out[index] = logp_bt[r, lo:hi].sum()
-    return out
+            greedy[index] = greedy_bt[r, lo:hi].all()
+    return out, greedy

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 
 from paxlike.model.config import ModelConfig
 
-# Logical names of a layer's cache; no rule maps them yet, so a mesh keeps caches whole.
-CACHE_AXES_BSKH = ("cache_batch", "cache_length", "act_kv_heads", "act_head_dim")
+# Logical names of a layer's cache. The training rules do not name them (a train step keeps
+# no cache); paxlike.inference.placement maps them for decoding on a mesh.
+CACHE_AXES_BSKH = ("cache_batch", "cache_length", "cache_kv_heads", "act_head_dim")
 
 
 class KVCache(NamedTuple):
@@ -73,8 +74,12 @@ def write(cache: KVCache, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray,
 
 def cached_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
                      positions_bt: jnp.ndarray, alibi_slopes_n: jnp.ndarray | None = None,
-                     window: int | jnp.ndarray = 0) -> jnp.ndarray:
+                     window: int | jnp.ndarray = 0,
+                     prefix_bt: jnp.ndarray | None = None) -> jnp.ndarray:
     """softmax(q k^T + bias) v over the cached slots s <= each query's position; q already scaled.
+
+    `prefix_bt` marks this call's tokens in a bidirectional prefix (a prefix LM's prompt
+    at prefill): each of them also sees the slots of the others.
 
     A banded layer (`window` > 0, possibly traced) sees only the slots within window - 1
     positions of the query; 0 = every earlier slot.
@@ -94,6 +99,11 @@ def cached_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarr
         logits_bkgts = logits_bkgts - (slopes_kg[None, :, :, None, None]
                                        * distance_bts[:, None, None].astype(jnp.float32))
     visible_bts = (distance_bts >= 0) & ((distance_bts < window) | (window == 0))
+    if prefix_bt is not None:
+        prefix_bt = prefix_bt.astype(bool)
+        written_bts = positions_bt[:, :, None] == jnp.arange(k_bskh.shape[1])[None, None, :]
+        prefix_slot_bs = jnp.any(written_bts & prefix_bt[:, :, None], axis=1)
+        visible_bts = visible_bts | (prefix_bt[:, :, None] & prefix_slot_bs[:, None, :])
     logits_bkgts = jnp.where(visible_bts[:, None, None], logits_bkgts,
                              jnp.finfo(jnp.float32).min)
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(q_btnh.dtype)

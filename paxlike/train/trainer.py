@@ -21,6 +21,7 @@ from paxlike.model import flops as flops_lib
 from paxlike.model import param_tree
 from paxlike.model_dir import latest_step
 from paxlike.parallel import sharding
+from paxlike.train import eval_tasks
 from paxlike.train.checkpointing import Checkpointer, TrainState
 from paxlike.train.faults import (EXIT_DIVERGED, EXIT_PREEMPTED, BadStepCounter, PreemptionWatcher,
                                   RunHalted)
@@ -174,6 +175,7 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
     program = TrainProgram.from_config(config)  # the checks of a runnable config come first
     mesh, rules = program.mesh, program.rules
     _check_model_dir(model_dir)
+    extra_evals = eval_tasks.configured(config)
     bad_steps = BadStepCounter(config.max_bad_steps)
     stream = _data_stream(config, mesh, rules, "train")
     if latest_step(model_dir) is None:
@@ -197,7 +199,7 @@ def train(config: TrainConfig, model_dir: str, show_progress: bool | None = None
             batches = Prefetcher(stream, config.data.prefetch, program.device_batch)
             try:
                 run = _Run(config, program, checkpointer, batches, writer, bad_steps, preemption,
-                           peak, peak_source, model_dir)
+                           peak, peak_source, model_dir, extra_evals)
                 return _loop(run, state, start)
             finally:
                 batches.close()
@@ -220,6 +222,7 @@ class _Run:
     peak: float
     peak_source: str
     model_dir: str
+    extra_evals: list = dataclasses.field(default_factory=list)  # eval_tasks.TaskEval each
 
 
 def _save(run: _Run, step: int, state: TrainState, force: bool) -> bool:
@@ -271,6 +274,7 @@ class _Dispatched:
     metrics: dict
     eval_loss: float | None = None
     eval_tokens: float = 0.0
+    eval_scalars: dict = dataclasses.field(default_factory=dict)  # the extra tasks' records
 
 
 def _loop(run: _Run, state: TrainState, start: int) -> TrainResult:
@@ -315,6 +319,7 @@ def _loop(run: _Run, state: TrainState, start: int) -> TrainResult:
             if done.eval_loss is not None:
                 scalars["eval_loss"] = done.eval_loss
                 scalars["eval_tokens"] = done.eval_tokens
+                scalars.update(done.eval_scalars)
             losses[done.step] = scalars["loss"]
             run.writer.write(done.step, scalars)
             window = _Window()
@@ -334,6 +339,12 @@ def _loop(run: _Run, state: TrainState, start: int) -> TrainResult:
                 eval_batches = eval_batches or _validation_batches(program, config)
                 current.eval_loss, current.eval_tokens = _evaluate(program, state.params,
                                                                    eval_batches)
+                for task in run.extra_evals:
+                    if task.batches is None:
+                        task.batches = _validation_batches(program, task.config)
+                        task.count_bytes()
+                    current.eval_scalars.update(
+                        task.scalars(*_evaluate(program, state.params, task.batches)))
         if previous is not None:
             finish(previous)  # the previous step is done or nearly: this one is queued behind it
         profile.after(step, state)
