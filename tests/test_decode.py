@@ -333,3 +333,11 @@ def test_converted_model_refuses_text(trained_dir, tmp_path):
     with pytest.raises(UserError, match="has no vocabulary"):
         model.generate("hello")
     assert model.generate([[0, 72]], max_new_tokens=2).texts is None
+
+
+def test_a_rotary_model_refuses_a_prompt_past_its_maximum_length():
+    cfg = _family_config("tiny_llama", max_seq_len=32)
+    assert cfg.position == "rope"
+    model = random_language_model(cfg)
+    with pytest.raises(UserError, match="exceeds the 32 positions"):
+        model.generate([[5] * 30], max_new_tokens=3)

@@ -118,10 +118,13 @@ def _check(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, num_
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise UserError(f"{name} = {value!r}; it must be a positive int")
     longest = max(len(p) for p in prompts)
-    if cfg.position == "learned" and longest + max_new_tokens > cfg.max_seq_len:
+    # A learned table has no rows past max_seq_len; rotary and ALiBi models were never
+    # trained there, and the cache would grow without bound (a long prompt file is a typo
+    # more often than a wish to extrapolate).
+    if longest + max_new_tokens > cfg.max_seq_len:
         raise UserError(f"a prompt of {longest} tokens plus max_new_tokens = {max_new_tokens} "
-                        f"exceeds the {cfg.max_seq_len} positions of this model's learned table; "
-                        "shorten the prompt or lower max_new_tokens")
+                        f"exceeds the {cfg.max_seq_len} positions of this model "
+                        "(ModelConfig.max_seq_len); shorten the prompt or lower max_new_tokens")
     if num_beams > 1:
         if not sampler.greedy:
             raise UserError("beam search is deterministic; drop temperature, top_k and top_p or "
