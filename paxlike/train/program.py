@@ -17,8 +17,9 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from paxlike.data.domains import DOMAIN_FEATURE, domain_names
 from paxlike.data.glm_features import objective_inputs
-from paxlike.data.stream import DOMAIN_FEATURE, DataConfig, domain_names, features, vocab_size
+from paxlike.data.stream import DataConfig, features, vocab_size
 from paxlike.errors import UserError
 from paxlike.model import moe_aux, param_tree
 from paxlike.model.config import ModelConfig
