@@ -21,6 +21,7 @@ from paxlike.hf import checkpoint_io, safetensors_io  # noqa: E402
 from paxlike.hf import convert as hf_convert  # noqa: E402
 from paxlike.hf import tensors as hf_tensors  # noqa: E402
 from paxlike.hf.families import FAMILIES  # noqa: E402
+from tiny_hf import hf_logits  # noqa: E402
 
 VOCAB = 384  # the byte vocabulary padded, so the default data fits
 TOKENS_BT = np.random.default_rng(0).integers(0, VOCAB, (2, 24)).astype(np.int32)
@@ -59,11 +60,6 @@ def _hf_model(case: str, directory, **config_changes) -> "torch.nn.Module":
     return model
 
 
-def _hf_logits(model, tokens_bt: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(tokens_bt).long()).logits.float().numpy()
-
-
 def _paxlike(*args):
     return subprocess.run([sys.executable, "-m", "paxlike.cli", *args], capture_output=True,
                           text=True)
@@ -85,7 +81,7 @@ def test_logits_match_transformers_and_round_trip_is_exact(tmp_path, case):
     model = _hf_model(case, hf_dir)
     _convert(hf_dir, model_dir, family, via_cli=case == "llama_gqa")
 
-    expected_btv = _hf_logits(model, TOKENS_BT)
+    expected_btv = hf_logits(model, TOKENS_BT)
     logits_btv = paxlike.load_model(str(model_dir)).logits(TOKENS_BT)
     assert logits_btv.shape == (2, 24, VOCAB) and logits_btv.dtype == np.float32
     diff = float(np.abs(logits_btv - expected_btv).max())
@@ -102,7 +98,7 @@ def test_logits_match_transformers_and_round_trip_is_exact(tmp_path, case):
         assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back_dir)).eval()
     assert type(reloaded) is type(model)
-    np.testing.assert_array_equal(_hf_logits(reloaded, TOKENS_BT), expected_btv)
+    np.testing.assert_array_equal(hf_logits(reloaded, TOKENS_BT), expected_btv)
 
 
 def test_converted_config_gin_stands_alone_with_family_values(tmp_path):
@@ -128,7 +124,7 @@ def test_sharded_base_model_checkpoint_converts(tmp_path):
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     hf_convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "pax"))
     logits_btv = paxlike.load_model(str(tmp_path / "pax")).logits(TOKENS_BT)
-    assert np.abs(logits_btv - _hf_logits(model, TOKENS_BT)).max() <= 1e-4
+    assert np.abs(logits_btv - hf_logits(model, TOKENS_BT)).max() <= 1e-4
 
 
 def test_pickle_only_directory_is_refused_and_nothing_written(tmp_path):
@@ -207,7 +203,7 @@ def test_continued_pretraining_from_converted_llama(tmp_path, tiny):
     hf_convert.to_hf(str(tmp_path / "run"), str(tmp_path / "hf_back"))
     trained = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_back")).eval()
     trained_btv = paxlike.load_model(str(tmp_path / "run")).logits(TOKENS_BT)
-    assert np.abs(_hf_logits(trained, TOKENS_BT) - trained_btv).max() <= 1e-4
+    assert np.abs(hf_logits(trained, TOKENS_BT) - trained_btv).max() <= 1e-4
     # Training moved the parameters, so this checks the trained ones, not the converted ones.
     assert np.abs(trained_btv - paxlike.load_model(str(converted)).logits(TOKENS_BT)).max() > 1e-3
 
@@ -296,7 +292,7 @@ def test_conversion_holds_one_block_at_a_time_and_stays_exact(tmp_path, monkeypa
 
     tokens_bt = TOKENS_BT % vocab
     logits_btv = lm.logits(tokens_bt)
-    assert np.abs(logits_btv - _hf_logits(model, tokens_bt)).max() <= 1e-4
+    assert np.abs(logits_btv - hf_logits(model, tokens_bt)).max() <= 1e-4
 
     slices = _LiveArrays(checkpoint_io.ParamReader.read)
     monkeypatch.setattr(checkpoint_io.ParamReader, "read", lambda self, *a: slices(self, *a))
@@ -338,7 +334,7 @@ def test_sharded_to_hf_loads_in_transformers(tmp_path):
             np.testing.assert_array_equal(value, original[tensor_name])
 
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back_dir)).eval()
-    np.testing.assert_array_equal(_hf_logits(reloaded, TOKENS_BT), _hf_logits(model, TOKENS_BT))
+    np.testing.assert_array_equal(hf_logits(reloaded, TOKENS_BT), hf_logits(model, TOKENS_BT))
 
 
 def test_from_hf_of_a_sharded_transformers_checkpoint_is_exact(tmp_path):
@@ -348,7 +344,7 @@ def test_from_hf_of_a_sharded_transformers_checkpoint_is_exact(tmp_path):
     assert len(list(hf_dir.glob("model-*-of-*.safetensors"))) > 2
     hf_convert.from_hf(str(hf_dir), str(model_dir))
     logits_btv = paxlike.load_model(str(model_dir)).logits(TOKENS_BT)
-    assert np.abs(logits_btv - _hf_logits(model, TOKENS_BT)).max() <= 1e-4
+    assert np.abs(logits_btv - hf_logits(model, TOKENS_BT)).max() <= 1e-4
 
     hf_convert.to_hf(str(model_dir), str(back_dir))  # 5GB shards: one file, no index
     assert sorted(p.name for p in back_dir.iterdir()) == ["config.json", "model.safetensors"]
@@ -376,9 +372,9 @@ def test_bfloat16_parameters_are_stored_loaded_and_written_back(tmp_path):
     with torch.no_grad():
         for p in rounded.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-    expected_btv = _hf_logits(rounded, TOKENS_BT)
+    expected_btv = hf_logits(rounded, TOKENS_BT)
     assert np.abs(lm.logits(TOKENS_BT) - expected_btv).max() <= 1e-4
-    assert np.abs(expected_btv - _hf_logits(model, TOKENS_BT)).max() > 1e-3  # rounding shows
+    assert np.abs(expected_btv - hf_logits(model, TOKENS_BT)).max() > 1e-3  # rounding shows
 
     hf_convert.to_hf(str(model_dir), str(back_dir))
     assert json.loads((back_dir / "config.json").read_text())["dtype"] == "bfloat16"
@@ -389,7 +385,7 @@ def test_bfloat16_parameters_are_stored_loaded_and_written_back(tmp_path):
         np.testing.assert_array_equal(back[name].view(np.int16), expected, err_msg=name)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(
         str(back_dir), dtype=torch.float32).eval()
-    np.testing.assert_array_equal(_hf_logits(reloaded, TOKENS_BT), expected_btv)
+    np.testing.assert_array_equal(hf_logits(reloaded, TOKENS_BT), expected_btv)
 
 
 def test_reader_reads_rows_of_bfloat16_and_float32_files(tmp_path):

@@ -16,6 +16,7 @@ from paxlike.hf import convert as hf_convert  # noqa: E402
 from paxlike.hf.families import FAMILIES  # noqa: E402
 from paxlike.hf.hf_config import config_from_hf, config_to_hf, family_of  # noqa: E402
 from paxlike.model.config import ModelConfig  # noqa: E402
+from tiny_hf import hf_logits  # noqa: E402
 
 VOCAB = 128
 TOKENS_BT = np.random.default_rng(0).integers(0, VOCAB, (2, 24)).astype(np.int32)
@@ -46,11 +47,6 @@ def _hf_mixtral(directory, **changes) -> "torch.nn.Module":
     return model
 
 
-def _hf_logits(model, tokens_bt: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(tokens_bt).long()).logits.float().numpy()
-
-
 @pytest.mark.parametrize("sliding_window", [None, 7])
 def test_mixtral_logits_match_transformers_and_round_trip_is_exact(tmp_path, sliding_window):
     hf_dir, model_dir, back_dir = tmp_path / "hf", tmp_path / "pax", tmp_path / "hf_back"
@@ -61,7 +57,7 @@ def test_mixtral_logits_match_transformers_and_round_trip_is_exact(tmp_path, sli
     else:
         hf_convert.from_hf(str(hf_dir), str(model_dir))  # family from model_type
 
-    expected_btv = _hf_logits(model, TOKENS_BT)
+    expected_btv = hf_logits(model, TOKENS_BT)
     pax = paxlike.load_model(str(model_dir))
     cfg = pax.config
     assert (cfg.num_experts, cfg.experts_per_token, cfg.moe_layers) == (4, 2, (0, 1))
@@ -83,7 +79,7 @@ def test_mixtral_logits_match_transformers_and_round_trip_is_exact(tmp_path, sli
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back_dir)).eval()
     assert type(reloaded) is type(model)
     assert reloaded.config.sliding_window == sliding_window
-    np.testing.assert_array_equal(_hf_logits(reloaded, TOKENS_BT), expected_btv)
+    np.testing.assert_array_equal(hf_logits(reloaded, TOKENS_BT), expected_btv)
 
 
 def test_mixtral_config_round_trips_and_matches_the_preset_family():

@@ -45,3 +45,11 @@ def converted_gpt2(root, with_tokenizer: bool = True):
             json.dump({"bos_token": EOS, "eos_token": EOS, "model_max_length": 128}, f)
     hf_convert.from_hf(hf_dir, model_dir, "gpt2")
     return hf_model, tokenizer, model_dir
+
+
+def hf_logits(model, tokens_bt):
+    """A transformers model's float32 logits for int tokens (B, T), as numpy."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens_bt).long()).logits.float().numpy()
