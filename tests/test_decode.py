@@ -20,7 +20,7 @@ from paxlike import gin_config
 from paxlike.errors import UserError
 from paxlike.inference import beam_search, decode, generation, sampling, vocabulary
 from paxlike.inference.load import LanguageModel, load_model
-from paxlike.model import kv_cache
+from paxlike.model import kv_cache, layer_stack
 from paxlike.model.config import ModelConfig
 
 # Rows of different lengths in one batch: positions, padding and stopping are per row.
@@ -212,11 +212,13 @@ def test_multi_query_cache_is_num_heads_times_smaller():
     mha = dataclasses.replace(mqa, num_kv_heads=8)
     caches = {}
     for name, cfg in (("mqa", mqa), ("mha", mha)):
-        params = random_language_model(cfg).params
+        # Decoding runs the layers unscanned, each with its own cache arrays.
+        flat_cfg, params = layer_stack.unstacked(cfg, random_language_model(cfg).params)
         tokens_bp = jnp.zeros((2, 16), jnp.int32)
         _, caches[name] = jax.jit(decode.prefill, static_argnums=(0, 4))(
-            cfg, params, tokens_bp, jnp.array([3, 16]), 64)
-        assert caches[name].keys.shape == (cfg.num_layers, 2, 64, cfg.num_kv_heads, cfg.head_dim)
+            flat_cfg, params, tokens_bp, jnp.array([3, 16]), 64)
+        assert len(caches[name].keys) == len(caches[name].values) == cfg.num_layers
+        assert caches[name].shape == (cfg.num_layers, 2, 64, cfg.num_kv_heads, cfg.head_dim)
         assert caches[name].nbytes == kv_cache.cache_bytes(cfg, 2, 64)
     assert caches["mqa"].nbytes * 8 == caches["mha"].nbytes
     assert caches["mqa"].nbytes == 2 * 2 * 2 * 64 * 1 * 16 * 4  # k+v, layers, rows, slots, K, H, f32

@@ -35,15 +35,18 @@ def test_sharded_greedy_tokens_equal_one_device_with_a_split_cache(model_dir):
     with mesh.context():
         batch = decode.PromptBatch.of(PROMPTS, 10)
         assert len(batch.lengths_b) == 4  # 3 prompts: 4 rows, 2 per data shard
+        cfg, params = mesh.decoding_form()
         cache, *_ = decode._first_token(
-            mesh.config, sampling.Sampler(), batch.cache_length, mesh.params,
+            cfg, sampling.Sampler(), batch.cache_length, params,
             batch.tokens_bp, batch.lengths_b, jax.random.key(0), np.arange(4))
-    layers, rows, length, heads, head_dim = cache.keys.shape
+    layers, rows, length, heads, head_dim = cache.shape
     assert (layers, rows, heads, head_dim) == (2, 4, 4, 16)
-    for array in cache:
-        assert array.sharding.spec[1:4] == ("data", None, "tensor")
+    arrays = jax.tree.leaves(cache)
+    assert len(arrays) == 2 * layers  # keys and values, one array per layer
+    for array in arrays:
+        assert array.sharding.spec[:3] == ("data", None, "tensor")
         # Each of 8 devices holds 2 rows and 1 head: an eighth of the cache.
-        assert {s.data.shape for s in array.addressable_shards} == {(2, 2, length, 1, 16)}
+        assert {s.data.shape for s in array.addressable_shards} == {(2, length, 1, 16)}
 
 
 def test_a_mesh_the_model_cannot_split_is_a_user_error(model_dir, capsys):

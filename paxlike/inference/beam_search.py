@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paxlike.inference.decode import NO_EOS, PAD_ID, PromptBatch, extend, prefill
+from paxlike.model.layer_stack import unstacked
 from paxlike.model.config import ModelConfig
 
 
@@ -73,7 +74,7 @@ def _select(beams: _Beams, log_probs_bwv: jnp.ndarray, step: jnp.ndarray, eos_id
 def _start(cfg, num_beams, cache_length, params, tokens_bp, lengths_b):
     logits_bv, cache = prefill(cfg, params, tokens_bp, lengths_b, cache_length)
     # Every beam of a prompt starts from its one prefix: the cache row repeated W times.
-    cache = cache.map(lambda a: jnp.repeat(a, num_beams, axis=1))
+    cache = cache.map(lambda a: jnp.repeat(a, num_beams, axis=0))
     log_probs_bv = jax.nn.log_softmax(logits_bv, axis=-1)
     return cache, jnp.repeat(log_probs_bv[:, None], num_beams, axis=1)
 
@@ -86,7 +87,7 @@ def _step(cfg, eos_id, alpha, last, params, cache, beams, log_probs_bwv, lengths
     b, w = parent_bw.shape
     # Each surviving beam continues from its parent's cache row.
     rows = (jnp.arange(b)[:, None] * w + parent_bw).reshape(-1)
-    cache = cache.map(lambda a: jnp.take(a, rows, axis=1))
+    cache = cache.map(lambda a: jnp.take(a, rows, axis=0))
     tokens = beams.alive_bwn[:, :, step].reshape(-1)
     positions = jnp.repeat(lengths_b + step, w)
     logits, cache = extend(cfg, params, tokens, positions, cache)
@@ -105,6 +106,7 @@ class BeamResult:
 def beam_search(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], num_beams: int,
                 max_new_tokens: int, eos_id: int | None = None, alpha: float = 0.6) -> BeamResult:
     """The `num_beams` best-scoring continuations of each prompt found by beam search."""
+    cfg, params = unstacked(cfg, params)
     batch = PromptBatch.of(prompts, max_new_tokens)
     eos = NO_EOS if eos_id is None else eos_id
     b, w, n = len(batch.lengths_b), num_beams, max_new_tokens

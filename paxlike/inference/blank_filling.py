@@ -19,6 +19,7 @@ import numpy as np
 from paxlike.errors import UserError
 from paxlike.inference import decode, sampling
 from paxlike.model.config import ModelConfig
+from paxlike.model.layer_stack import unstacked
 from paxlike.tasks.glm import EOP, GMASK, MASK, SOP
 
 MASK_IDS = (MASK, GMASK)
@@ -68,6 +69,7 @@ def fill_blank(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
         if not at:
             raise UserError("a GLM fill-in prompt needs a [MASK] or [gMASK] token to fill")
         blanks.append(at[0])
+    cfg, params = unstacked(cfg, params)
     batch = decode.PromptBatch.of([list(p) + [SOP] for p in prompts], max_new_tokens)
     rows, width = batch.tokens_bp.shape
     pos_bp2 = np.zeros((rows, width, 2), np.int32)

@@ -21,6 +21,7 @@ from flax import linen as nn
 from paxlike.inference import sampling
 from paxlike.model.config import ModelConfig
 from paxlike.model.kv_cache import CACHE_AXES_BSKH, KVCache, init_cache
+from paxlike.model.layer_stack import unstacked
 from paxlike.model.transformer import Transformer, head_weights, project_logits
 from paxlike.parallel.sharding import BATCH_AXES
 
@@ -41,8 +42,8 @@ def _head(cfg: ModelConfig, params: Any, hidden_btd: jnp.ndarray) -> jnp.ndarray
 
 
 def _placed(cache: KVCache) -> KVCache:
-    """The stacked cache laid out by the logical rules in force (on a mesh: rows and kv heads split)."""
-    return cache.map(lambda a: nn.with_logical_constraint(a, (None,) + CACHE_AXES_BSKH))
+    """The cache laid out by the logical rules in force (on a mesh: rows and kv heads split)."""
+    return cache.map(lambda a: nn.with_logical_constraint(a, CACHE_AXES_BSKH))
 
 
 def row_divisor() -> int:
@@ -57,6 +58,8 @@ def prefill(cfg: ModelConfig, params: Any, tokens_bp: jnp.ndarray, lengths_b: jn
             cache_length: int, prefix_lengths_b: jnp.ndarray | None = None,
             positions_2d_bp2: jnp.ndarray | None = None) -> tuple[jnp.ndarray, KVCache]:
     """Right-padded prompts into a fresh cache of `cache_length` slots; logits after each row's last prompt token.
+
+    `cfg` and `params` are the unscanned model (layer_stack.unstacked), as for `extend`.
 
     A prefix LM (cfg.bidirectional_prefix) reads the first `prefix_lengths_b` tokens of each
     prompt (default: all of it) bidirectionally, as it was trained; `positions_2d_bp2` are
@@ -158,8 +161,10 @@ def sample(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], max_
     """Up to `max_new_tokens` tokens after each prompt, drawn by `sampler`; a row stops at `eos_id`.
 
     The loop ends early once every row has emitted EOS. Draws depend on (seed, row, step)
-    only: the same prompts and settings give the same tokens.
+    only: the same prompts and settings give the same tokens. A scanned model is first
+    split into its layers (layer_stack.unstacked).
     """
+    cfg, params = unstacked(cfg, params)
     batch = PromptBatch.of(prompts, max_new_tokens)
     eos = NO_EOS if eos_id is None else eos_id
     seed_key = jax.random.key(seed)

@@ -181,10 +181,10 @@ def _decode(model: "LanguageModel", ids: list[list[int]], max_new_tokens: int, s
             num_samples: int, seed: int, num_beams: int, length_penalty: float,
             eos_id: int | None) -> Generation:
     """The continuations of checked prompt ids, on the model's devices."""
-    cfg, vocabulary = model.config, model.vocabulary
+    (cfg, params), vocabulary = model.decoding_form(), model.vocabulary
     scores = None
     if num_beams > 1:
-        result = beam_search.beam_search(cfg, model.params, ids, num_beams, max_new_tokens, eos_id,
+        result = beam_search.beam_search(cfg, params, ids, num_beams, max_new_tokens, eos_id,
                                          length_penalty)
         tokens = [[_trim(result.tokens_bwn[i, j], eos_id) for j in range(num_samples)]
                   for i in range(len(ids))]
@@ -193,7 +193,7 @@ def _decode(model: "LanguageModel", ids: list[list[int]], max_new_tokens: int, s
     else:
         # Sample j of prompt i is row i * num_samples + j.
         rows = [p for p in ids for _ in range(num_samples)]
-        result = decode.sample(cfg, model.params, rows, max_new_tokens, sampler, seed, eos_id)
+        result = decode.sample(cfg, params, rows, max_new_tokens, sampler, seed, eos_id)
         flat = [_trim(t, eos_id) for t in result.tokens_bn]
         tokens = [flat[i * num_samples:(i + 1) * num_samples] for i in range(len(ids))]
         log_probs = result.log_probs_b.reshape(len(ids), num_samples).tolist()

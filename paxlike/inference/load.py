@@ -11,6 +11,7 @@ import numpy as np
 
 from paxlike import model_dir as model_dir_lib
 from paxlike.model.config import ModelConfig
+from paxlike.model.layer_stack import unstacked
 from paxlike.model.param_count import abstract_params
 from paxlike.model.transformer import Transformer
 
@@ -30,6 +31,18 @@ class LanguageModel:
         self.vocabulary = vocabulary  # how text becomes token ids; None: token ids only
         self.placement = placement  # None: one device
         self._apply = jax.jit(Transformer(config).apply)
+        self._decoding_form: tuple[ModelConfig, Any] | None = None
+
+    def decoding_form(self) -> tuple[ModelConfig, Any]:
+        """The config and parameters cached decoding runs: one subtree per layer (layer_stack.unstacked).
+
+        Made on the first call and kept, so a scanned model's layers are split once per
+        model, not per generate call; it holds a second copy of the layer weights.
+        """
+        if self._decoding_form is None:
+            with self.context():
+                self._decoding_form = unstacked(self.config, self.params)
+        return self._decoding_form
 
     def context(self) -> contextlib.AbstractContextManager:
         """The mesh and sharding rules decoding runs under (nothing on one device)."""

@@ -20,7 +20,6 @@ from jax.sharding import Mesh
 
 from paxlike.errors import UserError
 from paxlike.model.config import ModelConfig
-from paxlike.model.kv_cache import CACHE_AXES_BSKH
 from paxlike.model.transformer import Transformer
 from paxlike.parallel import sharding
 
@@ -92,11 +91,6 @@ class Placement:
         shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             sharding.strip_boxes(boxed), shardings)
-
-    def cache_sharding(self) -> jax.sharding.NamedSharding:
-        """How a stacked (layers, batch, length, kv_heads, head_dim) cache array is laid out."""
-        spec = nn.logical_to_mesh_axes((None,) + CACHE_AXES_BSKH, list(self.rules))
-        return jax.sharding.NamedSharding(self.mesh, spec)
 
 
 def _mesh_axes(rules: tuple, logical: str) -> Any:

@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from paxlike.model.attention import Attention, TokenLayout
 from paxlike.model.config import ModelConfig
-from paxlike.model.kv_cache import KVCache, stack_layers
+from paxlike.model.kv_cache import KVCache
 from paxlike.model.mlp import Mlp
 from paxlike.model.moe import MoeMlp
 from paxlike.model.norms import Norm
@@ -119,16 +119,15 @@ class LayerGroup(nn.Module):
         kv_cache: KVCache | None = None, group: jnp.ndarray | None = None,
         layout: TokenLayout | None = None, domains: jnp.ndarray | None = None,
     ) -> tuple[jnp.ndarray, KVCache | None]:
-        """Decoding passes the group's (moe_every, batch, ...) cache and gets it back updated.
+        """The group's output; a scanned stack keeps no cache (decoding runs layers unscanned), so None.
 
         `group`: the scanned group's traced index, given when layers' bands differ.
         """
+        if kv_cache is not None:
+            raise ValueError("a scanned MoE group keeps no decoding cache")
         last = self.config.moe_every - 1
-        caches = []
         for j in range(last + 1):
             layer = None if group is None else group * self.config.moe_every + j
-            x_btd, cache = self.block(self.config, self.train, j == last, name=f"layer_{j}")(
-                x_btd, positions_bt, segment_ids_bt,
-                None if kv_cache is None else kv_cache.layer(j), layer, layout, domains)
-            caches.append(cache)
-        return x_btd, (None if kv_cache is None else stack_layers(caches))
+            x_btd, _ = self.block(self.config, self.train, j == last, name=f"layer_{j}")(
+                x_btd, positions_bt, segment_ids_bt, None, layer, layout, domains)
+        return x_btd, None

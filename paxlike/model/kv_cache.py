@@ -1,14 +1,18 @@
-"""The key/value cache of incremental decoding: (layers, batch, max_length, kv_heads, head_dim) keys and values.
+"""The key/value cache of incremental decoding: per layer, (batch, max_length, kv_heads, head_dim) keys and values.
 
 A row's token at position p keeps its key and value in slot p, so a query at position q
 sees exactly the slots s <= q: the positions alone say what is valid, and slots a longer
 row of the same batch has written (a shorter row's padding) are overwritten before any
 query of that row can see them. Each row holds one document (no packing).
+
+Each layer's keys and values are arrays of their own, not slices of one stacked array:
+a step writes one slot of each in place (the step donates the cache) and attention reads
+them where they lie, where slicing a layer out of a stack would copy it every step.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,29 +25,35 @@ CACHE_AXES_BSKH = ("cache_batch", "cache_length", "cache_kv_heads", "act_head_di
 
 
 class KVCache(NamedTuple):
-    """Cached keys and values: (layers, batch, max_length, kv_heads, head_dim) each, or one layer's (batch, ...)."""
+    """Cached keys and values: a tuple of one (batch, max_length, kv_heads, head_dim) array per layer each, or one layer's arrays."""
 
-    keys: jnp.ndarray
-    values: jnp.ndarray
+    keys: Any
+    values: Any
 
     def map(self, fn: Callable[[jnp.ndarray], jnp.ndarray]) -> "KVCache":
-        """The cache with `fn` applied to keys and values alike (a reshape, a gather of rows, ...)."""
-        return KVCache(fn(self.keys), fn(self.values))
+        """The cache with `fn` applied to every layer's keys and values (a gather of rows, ...)."""
+        return jax.tree.map(fn, self)
 
     def layer(self, i: int) -> "KVCache":
-        """Layer i of a stacked cache."""
-        return self.map(lambda a: a[i])
+        """Layer i's arrays."""
+        return KVCache(self.keys[i], self.values[i])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(layers, batch, max_length, kv_heads, head_dim) of the keys (the values' too)."""
+        return (len(self.keys), *self.keys[0].shape)
 
     @property
     def nbytes(self) -> int:
         """Bytes of keys and values together."""
-        return self.keys.nbytes + self.values.nbytes
+        return sum(a.nbytes for a in jax.tree.leaves(self))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_length: int) -> KVCache:
-    """Zeros for every layer: (num_layers, batch, max_length, num_kv_heads, head_dim) in the compute dtype."""
-    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+    """Zeros for every layer: num_layers arrays of (batch, max_length, num_kv_heads, head_dim) in the compute dtype."""
+    shape = (batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers)),
+                   tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers)))
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_length: int) -> int:
@@ -52,9 +62,9 @@ def cache_bytes(cfg: ModelConfig, batch: int, max_length: int) -> int:
             * cfg.compute_dtype.itemsize)
 
 
-def stack_layers(layers: Sequence[KVCache]) -> KVCache:
-    """Per-layer caches (batch, ...) -> one stacked (layers, batch, ...) cache."""
-    return KVCache(jnp.stack([c.keys for c in layers]), jnp.stack([c.values for c in layers]))
+def from_layers(layers: Sequence[KVCache]) -> KVCache:
+    """Per-layer caches, in layer order -> the model's cache."""
+    return KVCache(tuple(c.keys for c in layers), tuple(c.values for c in layers))
 
 
 def write(cache: KVCache, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray,

@@ -10,7 +10,7 @@ from paxlike.model.attention import TokenLayout
 from paxlike.model.block import Block, LayerGroup
 from paxlike.model.config import ModelConfig
 from paxlike.model.embeddings import Embed
-from paxlike.model.kv_cache import KVCache, stack_layers
+from paxlike.model.kv_cache import KVCache, from_layers
 from paxlike.model.moe import MOE_AUX
 from paxlike.model.norms import Norm
 
@@ -58,7 +58,8 @@ class Transformer(nn.Module):
         Training asks for the hidden states and applies the head inside the chunked loss,
         so the (B, T, V) logits are never materialised. `train` only changes mixture-of-experts
         routing (it then needs a "moe" rng); MoE layers sow their losses into MOE_AUX.
-        Decoding passes the (layers, B, S, K, H) `kv_cache` and gets (output, updated cache).
+        Decoding passes the `kv_cache` (an unscanned model: layer_stack.unstacked) and gets
+        (output, updated cache).
         `prefix_bt` (nonzero on each document's bidirectional prefix) and `positions_2d_bt2`
         (position = 'rope_2d': GLM's position and block position) are optional inputs.
         `domain_ids_bt` routes a 'demix' model's MoE layers: each token's domain (B, T), or
@@ -85,46 +86,33 @@ class Transformer(nn.Module):
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                              prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
+            if kv_cache is not None:
+                raise ValueError("cached decoding runs the layers unscanned: pass the model "
+                                 "through paxlike.model.layer_stack.unstacked first")
             # With experts the repeated unit is a group of moe_every layers, the last sparse.
             if cfg.num_experts:
                 unit, length, args = LayerGroup, cfg.num_layers // cfg.moe_every, (cfg, train, block)
             else:
                 unit, length, args = block, cfg.num_layers, (cfg, train)
-            # Decoding scans over the cache's layer axis (grouped like the layers) as an input
-            # and gets the updated cache back as the scan's stacked output.
-            cache_xs = ()
-            if kv_cache is not None:
-                cache_xs = (kv_cache.map(lambda a: a.reshape(length, -1, *a.shape[1:]))
-                            if cfg.num_experts else kv_cache,)
-            in_axes = (nn.broadcast, nn.broadcast) + (0,) * len(cache_xs)
+            # Layers with different bands share the scanned body: each iteration gets its
+            # index (of the layer, or of the MoE group) to pick its band. The unit's other
+            # inputs (no cache, the layout, the domains) are the same for every iteration.
+            index_l = None
             if len(set(cfg.layer_windows)) > 1:
-                # Layers with different bands share the scanned body: each iteration gets
-                # its index (of the layer, or of the MoE group) to pick its band.
-                if not cache_xs:
-                    cache_xs, in_axes = (None,), in_axes + (nn.broadcast,)
-                cache_xs, in_axes = cache_xs + (jnp.arange(length, dtype=jnp.int32),), in_axes + (0,)
-            if layout is not None:
-                # The layout comes after the cache and layer-index slots; None fills them.
-                while len(cache_xs) < 2:
-                    cache_xs, in_axes = cache_xs + (None,), in_axes + (nn.broadcast,)
-                cache_xs, in_axes = cache_xs + (layout,), in_axes + (nn.broadcast,)
-            if domain_ids_bt is not None:  # after the layout slot, None-filled likewise
-                while len(cache_xs) < 3:
-                    cache_xs, in_axes = cache_xs + (None,), in_axes + (nn.broadcast,)
-                cache_xs, in_axes = cache_xs + (domain_ids_bt,), in_axes + (nn.broadcast,)
+                index_l = jnp.arange(length, dtype=jnp.int32)
             stack = nn.scan(
                 unit,
                 variable_axes={"params": 0, MOE_AUX: 0},
                 split_rngs={"params": True, "moe": True},
-                in_axes=in_axes,
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast,
+                         nn.broadcast if index_l is None else 0, nn.broadcast, nn.broadcast),
                 length=length,
                 # Unresolved 'auto' (counting, inference) rolls the loop.
                 unroll=1 if cfg.scan_unroll == "auto" else min(cfg.scan_unroll, length),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(*args, name="layers")
-            x_btd, kv_cache = stack(x_btd, positions_bt, segment_ids_bt, *cache_xs)
-            if kv_cache is not None and cfg.num_experts:
-                kv_cache = kv_cache.map(lambda a: a.reshape(-1, *a.shape[2:]))
+            x_btd, _ = stack(x_btd, positions_bt, segment_ids_bt, None, index_l, layout,
+                             domain_ids_bt)
         else:
             caches = []
             for i in range(cfg.num_layers):
@@ -132,7 +120,7 @@ class Transformer(nn.Module):
                 x_btd, cache = block(cfg, train, i in cfg.moe_layers, i, name=f"layers_{i}")(
                     x_btd, positions_bt, segment_ids_bt, layer_cache, None, layout, domain_ids_bt)
                 caches.append(cache)
-            kv_cache = None if kv_cache is None else stack_layers(caches)
+            kv_cache = None if kv_cache is None else from_layers(caches)
 
         if cfg.final_norm:
             x_btd = Norm(cfg, name="final_norm")(x_btd)
