@@ -24,7 +24,7 @@ from paxlike import gin_config
 from paxlike.console import quiet_native_logs
 from paxlike.inference import decode
 from paxlike.inference.sampling import Sampler
-from paxlike.model import param_tree
+from paxlike.model import layer_stack, param_tree
 from paxlike.model.config import ModelConfig
 from paxlike.model.param_count import abstract_params, count_params
 
@@ -39,6 +39,7 @@ def _params(cfg: ModelConfig):
 def measure(cfg: ModelConfig, params, batch: int, prompt_len: int, new_tokens: int,
             rounds: int) -> dict:
     """Median prefill and per-token times of greedy decoding of `batch` prompts."""
+    cfg, params = layer_stack.unstacked(cfg, params)  # what decode.sample runs
     prompts = [[0] + [3 + (i * 7 + b) % 256 for i in range(prompt_len - 1)] for b in range(batch)]
     greedy = Sampler()
     start = time.perf_counter()

@@ -11,7 +11,10 @@ with no tuning flags (every `auto` knob resolved for this platform), on the defa
 mixture, and reads `step_time_s` from its metrics.jsonl (the windows after the first,
 which holds the warm-up, and before the last, which holds the final save); then the
 same number of steps of the same GPT-2 shape trained by transformers (AdamW, clipping)
-in this process. The ratio is taken round by round, so the machine's drift cancels.
+in this process; then the same step compiled in this process from the same gin files
+(the train program's step on a fixed random batch, as train_throughput.py times it), which
+shows what the CLI run adds around the step: input pipeline, metrics, checkpoints. The
+ratios are taken round by round, so the machine's drift cancels.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import tempfile
 
 import numpy as np
 from report import emit  # same directory
-from train_throughput import _config, _TorchGpt2Step  # same directory
+from train_throughput import _config, _PaxlikeStep, _TorchGpt2Step  # same directory
+
+from paxlike import gin_config
+from paxlike.train.program import TrainConfig
 
 COMMAND = ["--gin_file", "models/gpt3_125m.gin", "--gin_file", "runs/gpt3_adamw.gin",
            "--gin.LEARNING_RATE=6e-4"]
@@ -60,12 +66,18 @@ def main(argv=None) -> None:
 
     torch_runner = _TorchGpt2Step(_config("gpt3_125m", args.seq_len, args.batch, "float32",
                                           "auto"))
-    paxlike_s, torch_s, last = [], [], {}
+    gin_config.parse([COMMAND[1], COMMAND[3]], {"LEARNING_RATE": "6e-4",
+                                                "SEQ_LEN": str(args.seq_len),
+                                                "BATCH_SIZE": str(args.batch)})
+    step_runner = _PaxlikeStep(gin_config.build(TrainConfig))
+    paxlike_s, torch_s, step_s_alone, last = [], [], [], {}
     for _ in range(args.rounds):
         step_s, last = _paxlike_step_time(args.seq_len, args.batch, args.steps, args.log_every)
         paxlike_s.append(step_s)
         torch_s.append(torch_runner.run(args.steps - 2 * args.log_every))
+        step_s_alone.append(step_runner.run(args.steps - 2 * args.log_every))
     per_round = [t / p for p, t in zip(paxlike_s, torch_s)]
+    cli_over_alone = [a / p for p, a in zip(paxlike_s, step_s_alone)]
     tokens = args.seq_len * args.batch
     emit({
         "benchmark": "train_cli_vs_torch", "command": "paxlike train " + " ".join(COMMAND),
@@ -76,8 +88,14 @@ def main(argv=None) -> None:
                     "final_loss": last.get("loss")},
         "torch": {"step_time_s": float(np.median(torch_s)), "step_times_s": torch_s,
                   "tokens_per_sec": tokens / float(np.median(torch_s)), **torch_runner.info},
+        "step_alone": {"step_time_s": float(np.median(step_s_alone)),
+                       "step_times_s": step_s_alone, "compile_s": step_runner.compile_s},
         "paxlike_over_torch_tokens_per_sec": float(np.median(per_round)),
         "per_round_ratios": per_round,
+        "step_alone_over_torch_tokens_per_sec": float(np.median(
+            [t / a for a, t in zip(step_s_alone, torch_s)])),
+        "cli_over_step_alone_tokens_per_sec": float(np.median(cli_over_alone)),
+        "cli_over_step_alone_per_round": cli_over_alone,
     }, args.json)
 
 

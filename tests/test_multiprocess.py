@@ -10,14 +10,17 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from conftest import TINY_OVERRIDES, read_metrics, tiny_config
 
 from paxlike.train.trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
-RUN = {**TINY_OVERRIDES, "TRAIN_STEPS": "4", "CHECKPOINT_EVERY": "2", "MESH_SHAPE": "{'fsdp': -1}",
-       "DataConfig.num_shards": "2"}
+# A constant learning rate, so runs of different lengths follow the same trajectory.
+STEADY = {**TINY_OVERRIDES, "MESH_SHAPE": "{'fsdp': -1}", "DataConfig.num_shards": "2",
+          "OptimizerConfig.schedule": "'constant'", "LOG_EVERY": "1", "CHECKPOINT_EVERY": "2"}
+STEPS = 30
 
 
 def _free_port() -> int:
@@ -26,12 +29,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    one = train(tiny_config(num_devices=8, **RUN), str(tmp_path / "one"), show_progress=False)
-
+def test_two_processes_match_one_process(steady_one, tmp_path):
     paxlike = [sys.executable, "-m", "paxlike.cli", "train", "--gin_file", "models/tiny_palm.gin",
                "--gin_file", "runs/pretrain.gin", "--no_progress", "--model_dir", str(tmp_path / "two"),
-               *(f"--gin.{k}={v}" for k, v in RUN.items())]
+               *(f"--gin.{k}={v}" for k, v in {**STEADY, "TRAIN_STEPS": "4"}.items())]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each process gets 4
     proc = subprocess.run([LAUNCH, "--port", str(_free_port()), "2", "4", "--", *paxlike],
                           env=env, capture_output=True, text=True, timeout=900)
@@ -42,7 +43,7 @@ def test_two_processes_match_one_process(tmp_path):
     # Process 0 alone records: each step once.
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     two = {r["step"]: r["loss"] for r in records}
-    np.testing.assert_allclose([two[s] for s in range(1, 5)], [one.losses[s] for s in range(1, 5)],
+    np.testing.assert_allclose([two[s] for s in range(1, 5)], [steady_one[s] for s in range(1, 5)],
                                rtol=2e-5)
     # Orbax wrote one checkpoint for both processes, with each data shard's position.
     assert {"shard_0", "shard_1"} <= set(os.listdir(tmp_path / "two" / "checkpoints" / "4" / "data"))
@@ -92,17 +93,19 @@ def _losses(model_dir):
     return {r["step"]: r["loss"] for r in read_metrics(str(model_dir))}
 
 
-# A constant learning rate, so runs of different lengths follow the same trajectory.
-STEADY = {**TINY_OVERRIDES, "MESH_SHAPE": "{'fsdp': -1}", "DataConfig.num_shards": "2",
-          "OptimizerConfig.schedule": "'constant'", "LOG_EVERY": "1", "CHECKPOINT_EVERY": "2"}
+@pytest.fixture(scope="module")
+def steady_one(tmp_path_factory):
+    """Losses by step of the STEADY run in one process of 8 devices: the runs below must match them."""
+    one = train(tiny_config(num_devices=8, **{**STEADY, "TRAIN_STEPS": str(STEPS)}),
+                str(tmp_path_factory.mktemp("one")), show_progress=False)
+    return one.losses
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(tmp_path):
-    steps = 30
-    one = train(tiny_config(num_devices=8, **{**STEADY, "TRAIN_STEPS": str(steps)}),
-                str(tmp_path / "one"), show_progress=False)
-    model_dir = tmp_path / "two"
-    procs = _start(model_dir, 2, 4, _free_port(), STEADY, steps)
+@pytest.fixture(scope="module")
+def sigtermed(tmp_path_factory):
+    """Two processes of one run, SIGTERM sent to one of them: (model_dir, the step both saved, their stderr)."""
+    model_dir = tmp_path_factory.mktemp("sigtermed") / "two"
+    procs = _start(model_dir, 2, 4, _free_port(), STEADY, STEPS)
     deadline = time.time() + 600
     metrics = model_dir / "metrics.jsonl"
     while (not metrics.exists() or len(read_metrics(str(model_dir))) < 3) and time.time() < deadline:
@@ -114,14 +117,34 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(
     stopped = {re.search(r"checkpoint of step (\d+) saved", e).group(1) for e in errors}
     assert len(stopped) == 1, stopped  # both processes saved the same step
     saved = int(stopped.pop())
-    assert saved < steps and str(saved) in os.listdir(model_dir / "checkpoints")
-    rerun = _start(model_dir, 2, 4, _free_port(), STEADY, steps)
+    assert saved < STEPS and str(saved) in os.listdir(model_dir / "checkpoints")
+    return model_dir, saved
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(
+        steady_one, sigtermed, tmp_path):
+    stopped_dir, saved = sigtermed
+    model_dir = tmp_path / "two"
+    shutil.copytree(stopped_dir, model_dir)  # the next test resumes the same stopped run
+    rerun = _start(model_dir, 2, 4, _free_port(), STEADY, STEPS)
     outs = [p.communicate(timeout=600)[1] for p in rerun]
     assert [p.returncode for p in rerun] == [0, 0], outs[0][-2000:]
     assert f"resumed from step {saved}" in outs[0]
     two = _losses(model_dir)
-    np.testing.assert_allclose([two[s] for s in range(1, steps + 1)],
-                               [one.losses[s] for s in range(1, steps + 1)], rtol=2e-5)
+    np.testing.assert_allclose([two[s] for s in range(1, STEPS + 1)],
+                               [steady_one[s] for s in range(1, STEPS + 1)], rtol=2e-5)
+
+
+def test_a_run_continues_on_another_number_of_processes(steady_one, sigtermed, tmp_path):
+    stopped_dir, saved = sigtermed
+    model_dir = tmp_path / "moved"
+    shutil.copytree(stopped_dir, model_dir)
+    # Same DataConfig.num_shards: one process of 8 devices now reads both shards.
+    moved = train(tiny_config(num_devices=8, **{**STEADY, "TRAIN_STEPS": str(STEPS)}),
+                  str(model_dir), show_progress=False)
+    assert sorted(moved.losses) == list(range(saved + 1, STEPS + 1))
+    np.testing.assert_allclose([moved.losses[s] for s in range(saved + 1, STEPS + 1)],
+                               [steady_one[s] for s in range(saved + 1, STEPS + 1)], rtol=2e-5)
 
 
 def test_processes_sharing_batch_rows_read_the_same_data(tmp_path):
@@ -138,16 +161,3 @@ def test_processes_sharing_batch_rows_read_the_same_data(tmp_path):
                                rtol=2e-5)
 
 
-def test_a_run_continues_on_another_number_of_processes(tmp_path):
-    whole = train(tiny_config(num_devices=8, **{**STEADY, "TRAIN_STEPS": "8"}),
-                  str(tmp_path / "whole"), show_progress=False)
-    model_dir = tmp_path / "moved"
-    procs = _start(model_dir, 2, 4, _free_port(), {**STEADY, "CHECKPOINT_EVERY": "4"}, 4)
-    errors = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:]
-    # Same DataConfig.num_shards, one process of 8 devices now reads both shards.
-    moved = train(tiny_config(num_devices=8, **{**STEADY, "TRAIN_STEPS": "8"}), str(model_dir),
-                  show_progress=False)
-    assert sorted(moved.losses) == [5, 6, 7, 8]
-    np.testing.assert_allclose([moved.losses[s] for s in range(5, 9)],
-                               [whole.losses[s] for s in range(5, 9)], rtol=2e-5)

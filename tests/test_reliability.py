@@ -161,6 +161,14 @@ def test_sigterm_saves_exits_75_and_resumes(reference, tmp_path):
     _assert_same_run(tmp_path, reference)
 
 
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A run of 4 steps with its checkpoint; tests that damage it work on a copy."""
+    model_dir = tmp_path_factory.mktemp("four_steps")
+    assert _run(model_dir, steps=4).returncode == 0
+    return model_dir
+
+
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     # A learning rate of 1e38 overflows the weights' products after the first real
     # update: every later step is non-finite and must be skipped.
@@ -177,8 +185,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert [r["skipped"] for r in records][-3:] == [1.0, 1.0, 1.0]
 
 
-def test_weights_that_overflow_are_never_saved(tmp_path):
-    assert _run(tmp_path, "--gin.CHECKPOINT_EVERY=1", steps=4).returncode == 0
+def test_weights_that_overflow_are_never_saved(four_steps, tmp_path):
+    tmp_path = tmp_path / "run"
+    shutil.copytree(four_steps, tmp_path)  # checkpoint 4 of a healthy run
     # An infinite learning rate turns step 5's finite gradients into infinite weights.
     result = _run(tmp_path, "--gin.LEARNING_RATE=1e39", "--gin.OptimizerConfig.schedule='constant'",
                   "--gin.CHECKPOINT_EVERY=1", steps=8)
@@ -198,18 +207,19 @@ def test_weights_that_overflow_are_never_saved(tmp_path):
 LIMIT_FILE_SIZE = ["bash", "-c", 'ulimit -f 1024; trap "" XFSZ; exec "$@"', "limit"]
 
 
-def test_failed_save_is_reported_and_earlier_checkpoints_survive(reference, tmp_path):
-    assert _run(tmp_path, steps=8).returncode == 0
+def test_failed_save_is_reported_and_earlier_checkpoints_survive(reference, four_steps, tmp_path):
+    tmp_path = tmp_path / "run"
+    shutil.copytree(four_steps, tmp_path)
     intact = _snapshot(tmp_path / "checkpoints")
     full = _run(tmp_path, wrapper=LIMIT_FILE_SIZE)
     assert full.returncode == 4, full.stderr[-3000:]
     line = [x for x in full.stderr.splitlines() if x.startswith("paxlike: stopped:")]
     assert len(line) == 1 and "checkpoint write failed" in line[0]
-    assert "checkpoints up to step 8 are intact" in line[0]
+    assert "checkpoints up to step 4 are intact" in line[0]
     after = _snapshot(tmp_path / "checkpoints")
     assert {k: v for k, v in after.items() if k in intact} == intact
     rerun = _run(tmp_path)
-    assert rerun.returncode == 0 and "resumed from step 8" in rerun.stderr
+    assert rerun.returncode == 0 and "resumed from step 4" in rerun.stderr
     _assert_same_run(tmp_path, reference)
 
 
@@ -222,14 +232,6 @@ def _refused(model_dir, message, *extra):
     assert "Traceback" not in result.stderr
     assert _snapshot(model_dir) == before
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def four_steps(tmp_path_factory):
-    """A run of 4 steps with its checkpoint; tests that damage it work on a copy."""
-    model_dir = tmp_path_factory.mktemp("four_steps")
-    assert _run(model_dir, steps=4).returncode == 0
-    return model_dir
 
 
 def test_checkpoint_of_another_model_is_refused(four_steps):

@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Mapping
 
 import jax
 import tqdm
-from tensorboardX import SummaryWriter, record_writer
+
+
+def _import_tensorboardx():
+    """tensorboardX's writer modules, imported without pulling in PyTorch.
+
+    tensorboardX imports torch, when it is installed, only to accept torch tensors as
+    values; paxlike logs Python floats, and importing torch added 2-4 s to every run's
+    start. A None entry in sys.modules makes that import fail as if torch were absent;
+    it is removed again, so torch imports normally afterwards.
+    """
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter, record_writer
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter, record_writer
+
+
+SummaryWriter, record_writer = _import_tensorboardx()
 
 from paxlike import storage
 from paxlike.console import stderr_is_terminal
