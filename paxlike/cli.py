@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks_module", default="paxlike.tasks",
                           help="module imported to register Tasks (paxlike.tasks)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                          help="score on a device mesh, rows over data and heads over tensor, "
+                               "e.g. data=2,tensor=4 (default: one device)")
 
     generate = commands.add_parser(
         "generate", help="continue prompts: greedy, sampled (temperature, top-k, top-p) or beams",
@@ -275,15 +278,16 @@ def _eval(args: argparse.Namespace, overrides: dict[str, str]) -> None:
         evaluate.find_task(args.task, args.split, args.tasks_module)
     else:
         multiple_choice.read_items(args.multiple_choice)
-    model = load_model(os.path.expanduser(args.model_dir))
-    if args.task:
-        result = evaluate.evaluate_perplexity(
-            model, args.task, args.split, batch_size=args.batch_size, seq_len=args.seq_len,
-            max_batches=args.max_batches, tasks_module=args.tasks_module)
-    else:
-        result = multiple_choice.evaluate_multiple_choice(
-            model, args.multiple_choice, shots=args.shots, seed=args.seed,
-            batch_size=args.batch_size, seq_len=args.seq_len)
+    model = load_model(os.path.expanduser(args.model_dir), mesh=args.mesh)
+    with model.context():  # the mesh and its rules, when --mesh gives one
+        if args.task:
+            result = evaluate.evaluate_perplexity(
+                model, args.task, args.split, batch_size=args.batch_size, seq_len=args.seq_len,
+                max_batches=args.max_batches, tasks_module=args.tasks_module)
+        else:
+            result = multiple_choice.evaluate_multiple_choice(
+                model, args.multiple_choice, shots=args.shots, seed=args.seed,
+                batch_size=args.batch_size, seq_len=args.seq_len)
     print(json.dumps(result.to_json()) if args.json else result.summary())
 
 

@@ -297,6 +297,32 @@ def test_cli_multiple_choice_json_equals_the_python_api(tiny_model_dir, tiny_mod
     assert record == expected.to_json()
 
 
+def test_cli_on_a_mesh_scores_like_one_device(tiny_model_dir, tiny_model):
+    # 8 devices: rows split 2 ways, the 4 query heads 4 ways (the one K/V head whole).
+    out = _paxlike("eval", "--model_dir", tiny_model_dir, "--multiple_choice", FIXTURE,
+                   "--mesh", "data=2,tensor=4", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    want = multiple_choice.evaluate_multiple_choice(tiny_model, FIXTURE).to_json()
+    assert record.keys() == want.keys()
+    # Sums over split heads and rows change the float32 reduction order, nothing more.
+    np.testing.assert_allclose(_numbers(record), _numbers(want), rtol=0, atol=1e-4)
+    # The mesh is really built: one that cannot split the heads is refused.
+    refused = _paxlike("eval", "--model_dir", tiny_model_dir, "--multiple_choice", FIXTURE,
+                       "--mesh", "tensor=8")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "attention heads do not split 8 ways" in refused.stderr.strip().splitlines()[-1]
+
+
+def _numbers(tree):
+    """Every number in a JSON tree, in a fixed order."""
+    if isinstance(tree, dict):
+        return [x for key in sorted(tree) for x in _numbers(tree[key])]
+    if isinstance(tree, list):
+        return [x for item in tree for x in _numbers(item)]
+    return [float(tree)] if isinstance(tree, (int, float)) else []
+
+
 # --- extra evaluation tasks during training -------------------------------------------------
 
 def test_training_evaluates_the_gin_listed_tasks_each_under_its_prefix(tmp_path, tiny):
