@@ -33,8 +33,10 @@ from train_throughput import _config, _PaxlikeStep, _TorchGpt2Step  # same direc
 from paxlike import gin_config
 from paxlike.train.program import TrainConfig
 
-COMMAND = ["--gin_file", "models/gpt3_125m.gin", "--gin_file", "runs/gpt3_adamw.gin",
-           "--gin.LEARNING_RATE=6e-4"]
+GIN_FILES = ["models/gpt3_125m.gin", "runs/gpt3_adamw.gin"]
+GIN_OVERRIDES = {"LEARNING_RATE": "6e-4"}
+COMMAND = [*(arg for name in GIN_FILES for arg in ("--gin_file", name)),
+           *(f"--gin.{k}={v}" for k, v in GIN_OVERRIDES.items())]
 
 
 def _paxlike_step_time(seq_len: int, batch: int, steps: int, log_every: int) -> tuple[float, dict]:
@@ -66,9 +68,8 @@ def main(argv=None) -> None:
 
     torch_runner = _TorchGpt2Step(_config("gpt3_125m", args.seq_len, args.batch, "float32",
                                           "auto"))
-    gin_config.parse([COMMAND[1], COMMAND[3]], {"LEARNING_RATE": "6e-4",
-                                                "SEQ_LEN": str(args.seq_len),
-                                                "BATCH_SIZE": str(args.batch)})
+    gin_config.parse(GIN_FILES, {**GIN_OVERRIDES, "SEQ_LEN": str(args.seq_len),
+                                 "BATCH_SIZE": str(args.batch)})
     step_runner = _PaxlikeStep(gin_config.build(TrainConfig))
     paxlike_s, torch_s, step_s_alone, last = [], [], [], {}
     for _ in range(args.rounds):

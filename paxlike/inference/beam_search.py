@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from paxlike.inference.decode import NO_EOS, PAD_ID, PromptBatch, extend, prefill
-from paxlike.model.layer_stack import unstacked
 from paxlike.model.config import ModelConfig
+from paxlike.model.layer_stack import unstacked
 
 
 def length_penalty(length: int | jnp.ndarray, alpha: float) -> jnp.ndarray:

@@ -44,4 +44,3 @@ def unstacked(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
     if not cfg.scan_layers:
         return cfg, params
     return dataclasses.replace(cfg, scan_layers=False), _split_jit(cfg, params)
-

@@ -10,6 +10,9 @@ from typing import Mapping
 import jax
 import tqdm
 
+from paxlike import storage
+from paxlike.console import stderr_is_terminal
+
 
 def _import_tensorboardx():
     """tensorboardX's writer modules, imported without pulling in PyTorch.
@@ -31,9 +34,6 @@ def _import_tensorboardx():
 
 
 SummaryWriter, record_writer = _import_tensorboardx()
-
-from paxlike import storage
-from paxlike.console import stderr_is_terminal
 
 log = logging.getLogger("paxlike")
 
